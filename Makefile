@@ -1,0 +1,60 @@
+# Small LLMs course. The two commands of the README:
+#   make lab    set up (virtual environment, course, model) and open the course in JupyterLab
+#   make test   set up and run the whole test suite (unit tests, reference cross-checks, notebooks)
+# Everything lives in .venv/ and the model cache (COURSE_CACHE, default ~/.cache/course_lib).
+
+PYTHON ?= python3
+VENV ?= .venv
+# The torch build to install first. The default is a CPU/CUDA build from the package index; use
+# e.g. `make lab TORCH=torch` for the newest release.
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PYTEST_NOTEBOOKS := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider
+
+.PHONY: lab test setup setup-test model unit notebooks exercises check-notebooks clean-notebooks slides benchmarks clean
+
+lab: setup model
+	$(VENV)/bin/jupyter lab notebooks/
+
+test: setup-test model
+	$(PY) -m course_lib.notebook_tools exercises --check
+	$(PY) -m course_lib.notebook_tools outputs
+	COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 $(PY) -m pytest tests
+	COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 $(PY) -m pytest $(PYTEST_NOTEBOOKS) notebooks solutions
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[$*]"
+	touch $@
+
+setup: $(VENV)/.installed-reference
+setup-test: $(VENV)/.installed-test
+
+model: | $(VENV)/bin/python
+	$(PY) -m course_lib.models fetch
+
+unit: setup-test model
+	COURSE_PROFILE=ci $(PY) -m pytest tests
+
+notebooks: setup-test model
+	COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 $(PY) -m pytest $(PYTEST_NOTEBOOKS) notebooks solutions
+
+exercises: | $(VENV)/bin/python
+	$(PY) -m course_lib.notebook_tools exercises
+
+clean-notebooks: | $(VENV)/bin/python
+	$(PY) -m course_lib.notebook_tools outputs --strip
+
+slides: setup
+	mkdir -p slides
+	$(VENV)/bin/jupyter nbconvert --to slides --output-dir slides notebooks/*.ipynb
+
+benchmarks: setup-test model
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) slides
