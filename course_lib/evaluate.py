@@ -103,3 +103,14 @@ def benchmark(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> Ti
         sync()
         times.append(time.perf_counter() - start)
     return Timing(statistics.median(times), min(times), max(times), tuple(times))
+
+
+def markdown_table(rows: Sequence[dict], floatfmt: str = ".3g") -> str:
+    """Rows of dicts (same keys) as a Markdown table, for the "what we measured" cells."""
+    if not rows:
+        raise ValueError("rows is empty")
+    keys = list(rows[0])
+    cell = lambda v: format(v, floatfmt) if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)

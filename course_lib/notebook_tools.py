@@ -6,6 +6,7 @@ committed without outputs, except cells marked `# NBVAL_CHECK_OUTPUT`, whose out
 
     python -m course_lib.notebook_tools exercises [--check]   # write (or verify) exercises/
     python -m course_lib.notebook_tools outputs [--strip]     # find (or remove) stray outputs
+    python -m course_lib.notebook_tools record NB.ipynb ...   # execute, keep only checked outputs
 """
 from __future__ import annotations
 
@@ -101,6 +102,18 @@ def strip_outputs(path: Path) -> bool:
     return changed
 
 
+def record_checked_outputs(path: Path, timeout: int = 1800) -> None:
+    """Execute `path` (in its folder) and save it with only the NBVAL_CHECK_OUTPUT cells' outputs,
+    so that nbval has the expected outputs to compare with."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    path.write_text(nbformat.writes(nb) + "\n")
+    strip_outputs(path)
+
+
 def all_notebooks(root: Path = Path(".")) -> list[Path]:
     return [p for d in NOTEBOOK_DIRS for p in sorted((root / d).glob("*.ipynb"))]
 
@@ -112,7 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--check", action="store_true", help="only report stale exercises")
     out = sub.add_parser("outputs", help="report notebook cells with stray outputs")
     out.add_argument("--strip", action="store_true", help="remove them")
+    rec = sub.add_parser("record", help="execute notebooks, keeping only the checked outputs")
+    rec.add_argument("paths", nargs="+", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "record":
+        for path in args.paths:
+            record_checked_outputs(path)
+            print(f"recorded {path}")
+        return 0
     if args.command == "exercises":
         try:
             stale = write_exercises(check=args.check)

@@ -22,15 +22,15 @@ PROFILES = ("ci", "laptop", "gpu")
 _BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
     "ci": {
         "evaluate": {"eval_texts": 16, "max_length": 128, "batch_size": 8},
-        "chat": {"max_new_tokens": 32},
+        "chat": {"max_new_tokens": 32, "batch_prompts": 4, "speed_new_tokens": 16},
     },
     "laptop": {
         "evaluate": {"eval_texts": 48, "max_length": 256, "batch_size": 8},
-        "chat": {"max_new_tokens": 64},
+        "chat": {"max_new_tokens": 64, "batch_prompts": 8, "speed_new_tokens": 32},
     },
     "gpu": {
         "evaluate": {"eval_texts": 200, "max_length": 512, "batch_size": 32},
-        "chat": {"max_new_tokens": 128},
+        "chat": {"max_new_tokens": 128, "batch_prompts": 8, "speed_new_tokens": 32},
     },
 }
 

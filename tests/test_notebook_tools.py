@@ -1,0 +1,121 @@
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from course_lib import notebook_tools as nt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _notebook(*sources, outputs=None):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(s) for s in sources]
+    if outputs:
+        nb.cells[0].outputs = [nbformat.v4.new_output("stream", text=outputs)]
+        nb.cells[0].execution_count = 1
+    return nb
+
+
+def test_solution_region_becomes_a_stub_at_its_indent():
+    source = "def f(x):\n    ### BEGIN SOLUTION\n    return 2 * x\n    ### END SOLUTION\n\nprint(f(2))"
+    assert nt.strip_solutions(source, "cell") == (
+        "def f(x):\n    # YOUR CODE HERE\n    raise NotImplementedError\n\nprint(f(2))")
+
+
+def test_cells_without_markers_are_unchanged_and_outputs_cleared():
+    nb = _notebook("x = 1", "### BEGIN SOLUTION\ny = 2\n### END SOLUTION", outputs="1\n")
+    exercise = nt.exercise_from_solution(nb)
+    assert exercise.cells[0].source == "x = 1" and exercise.cells[0].outputs == []
+    assert "y = 2" not in exercise.cells[1].source
+    assert nb.cells[1].source.count("y = 2") == 1, "the solution notebook itself is untouched"
+
+
+@pytest.mark.parametrize("source, problem", [
+    ("### BEGIN SOLUTION\nx = 1", "never closed"),
+    ("x = 1\n### END SOLUTION", "without a"),
+    ("### BEGIN SOLUTION\n### BEGIN SOLUTION\n### END SOLUTION", "inside an open"),
+])
+def test_unbalanced_markers_name_the_cell(source, problem):
+    nb = _notebook("ok = True", source)
+    nb.cells[1].id = "broken-cell"
+    with pytest.raises(nt.MarkerError, match=problem) as error:
+        nt.exercise_from_solution(nb, "solutions/99_demo.ipynb")
+    assert "solutions/99_demo.ipynb, cell 1 (id broken-cell)" in str(error.value)
+
+
+def test_markers_in_markdown_are_refused():
+    nb = _notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("### BEGIN SOLUTION\nanswer\n### END SOLUTION")]
+    with pytest.raises(nt.MarkerError, match="cell 0: solution markers belong in code cells"):
+        nt.exercise_from_solution(nb)
+
+
+def test_stale_exercises_are_found_then_written(tmp_path):
+    (tmp_path / "solutions").mkdir()
+    nbformat.write(_notebook("### BEGIN SOLUTION\nx = 1\n### END SOLUTION"), tmp_path / "solutions" / "00_a.ipynb")
+    assert nt.write_exercises(tmp_path, check=True) == [tmp_path / "exercises" / "00_a.ipynb"]
+    assert not (tmp_path / "exercises" / "00_a.ipynb").exists(), "--check must not write"
+    nt.write_exercises(tmp_path)
+    assert nt.write_exercises(tmp_path, check=True) == []
+    exercise = nbformat.read(tmp_path / "exercises" / "00_a.ipynb", as_version=4)
+    assert "raise NotImplementedError" in exercise.cells[0].source
+
+
+def test_an_exercise_without_its_solution_is_reported(tmp_path):
+    (tmp_path / "solutions").mkdir()
+    (tmp_path / "exercises").mkdir()
+    nbformat.write(_notebook("x = 1"), tmp_path / "exercises" / "07_orphan.ipynb")
+    assert nt.write_exercises(tmp_path, check=True) == [tmp_path / "exercises" / "07_orphan.ipynb"]
+
+
+def test_stray_outputs_are_found_and_stripped(tmp_path):
+    path = tmp_path / "nb.ipynb"
+    nb = _notebook("print(1)", "# NBVAL_CHECK_OUTPUT\nprint(2)", outputs="1\n")
+    nb.cells[1].outputs = [nbformat.v4.new_output("stream", text="2\n")]
+    nbformat.write(nb, path)
+    assert nt.stray_outputs(path) == [0]
+    assert nt.strip_outputs(path)
+    assert nt.stray_outputs(path) == []
+    assert nbformat.read(path, as_version=4).cells[1].outputs, "checked outputs stay"
+
+
+def test_cli_exit_codes_say_what_to_do(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "solutions").mkdir()
+    nbformat.write(_notebook("### BEGIN SOLUTION\nx = 1"), tmp_path / "solutions" / "00_a.ipynb")
+    assert nt.main(["exercises"]) == 2
+    assert "never closed" in capsys.readouterr().err
+    nbformat.write(_notebook("### BEGIN SOLUTION\nx = 1\n### END SOLUTION"), tmp_path / "solutions" / "00_a.ipynb")
+    assert nt.main(["exercises", "--check"]) == 1
+    assert "make exercises" in capsys.readouterr().err
+    assert nt.main(["exercises"]) == 0 and nt.main(["exercises", "--check"]) == 0
+    nbformat.write(_notebook("print(1)", outputs="1\n"), tmp_path / "solutions" / "00_a.ipynb")
+    assert nt.main(["outputs"]) == 1
+    assert "make clean-notebooks" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the course's own notebooks
+
+def test_the_course_exercises_are_up_to_date():
+    assert nt.write_exercises(ROOT, check=True) == [], "run `make exercises` and commit exercises/"
+
+
+def test_the_course_notebooks_are_committed_clean():
+    assert {str(p): nt.stray_outputs(p) for p in nt.all_notebooks(ROOT) if nt.stray_outputs(p)} == {}
+
+
+def test_every_chapter_has_lecture_solution_and_exercise():
+    lectures = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
+    assert lectures, "no lecture notebooks"
+    for name in lectures:
+        assert (ROOT / "solutions" / name).exists() or any(
+            p.name[:2] == name[:2] for p in (ROOT / "solutions").glob("*.ipynb")), f"no solutions for {name}"
+
+
+def test_every_cell_has_slide_metadata():
+    for path in nt.all_notebooks(ROOT):
+        nb = nbformat.read(path, as_version=4)
+        missing = [i for i, c in enumerate(nb.cells) if "slide_type" not in c.metadata.get("slideshow", {})]
+        assert not missing, f"{path.name}: cells {missing} have no slideshow.slide_type"
