@@ -91,15 +91,19 @@ def stray_outputs(path: Path) -> list[int]:
 
 
 def strip_outputs(path: Path) -> bool:
-    """Remove stray outputs in place; True when the file changed."""
+    """Remove stray outputs, execution counts and run timestamps in place; True when it changed."""
     nb = nbformat.read(path, as_version=4)
-    changed = False
+    before = nbformat.writes(nb)
     for cell in nb.cells:
-        if cell.cell_type == "code" and CHECKED not in cell.source and (cell.outputs or cell.execution_count):
-            cell.outputs, cell.execution_count, changed = [], None, True
-    if changed:
-        path.write_text(nbformat.writes(nb) + "\n")
-    return changed
+        cell.metadata.pop("execution", None)
+        if cell.cell_type == "code":
+            cell.execution_count = None
+            if CHECKED not in cell.source:
+                cell.outputs = []
+    if nbformat.writes(nb) == before:
+        return False
+    path.write_text(nbformat.writes(nb) + "\n")
+    return True
 
 
 def record_checked_outputs(path: Path, timeout: int = 1800) -> None:
@@ -146,13 +150,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print("exercises/ is up to date" if args.check else f"wrote {len(stale)} exercise notebook(s)")
         return 0
+    if args.strip:
+        changed = [path for path in all_notebooks() if strip_outputs(path)]
+        print(f"cleaned {len(changed)} notebook(s)")
+        return 0
     problems = {p: stray_outputs(p) for p in all_notebooks()}
     problems = {p: cells for p, cells in problems.items() if cells}
-    if args.strip:
-        for path in problems:
-            strip_outputs(path)
-        print(f"stripped outputs from {len(problems)} notebook(s)")
-        return 0
     for path, cells in problems.items():
         print(f"{path}: code cells {cells} carry outputs; run `make clean-notebooks` "
               f"(only cells marked # {CHECKED} may keep theirs)", file=sys.stderr)
