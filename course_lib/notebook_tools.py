@@ -91,15 +91,14 @@ def stray_outputs(path: Path) -> list[int]:
 
 
 def strip_outputs(path: Path) -> bool:
-    """Remove stray outputs, execution counts and run timestamps in place; True when it changed."""
+    """Remove stray outputs and run timestamps in place (nbval needs the execution count of a checked
+    cell with outputs, so those stay); True when the file changed."""
     nb = nbformat.read(path, as_version=4)
     before = nbformat.writes(nb)
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
-        if cell.cell_type == "code":
-            cell.execution_count = None
-            if CHECKED not in cell.source:
-                cell.outputs = []
+        if cell.cell_type == "code" and CHECKED not in cell.source:
+            cell.outputs, cell.execution_count = [], None
     if nbformat.writes(nb) == before:
         return False
     path.write_text(nbformat.writes(nb) + "\n")
