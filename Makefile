@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_NOTEBOOKS := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider
 
-.PHONY: lab test setup setup-test model unit notebooks exercises check-notebooks clean-notebooks slides benchmarks clean
+.PHONY: lab test setup setup-test model unit notebooks exercises clean-notebooks slides benchmarks course-report clean
 
 lab: setup model
 	$(VENV)/bin/jupyter lab notebooks/
@@ -54,7 +54,12 @@ slides: setup
 	$(VENV)/bin/jupyter nbconvert --to slides --output-dir slides notebooks/*.ipynb
 
 benchmarks: setup-test model
-	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+# The whole course in one profile, one report (a lecture machine's check): make course-report PROFILE=gpu
+PROFILE ?= $(if $(shell nvidia-smi -L 2>/dev/null),gpu,laptop)
+course-report: setup-test model
+	$(PY) benchmarks/course_report.py --profile $(PROFILE) --out course-report
 
 clean:
 	rm -rf $(VENV) slides

@@ -1,0 +1,101 @@
+"""Run the whole course in one profile and write one report: wall time per notebook, its
+"What we measured" table, and (on CUDA) the GPU tests and benchmarks.
+
+    python benchmarks/course_report.py --profile gpu --out course-report   # a lecture machine's check
+    python benchmarks/course_report.py --profile laptop --out /tmp/report  # timings for the README
+
+Executed notebooks are saved beside the report (never over the committed ones).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import torch
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def last_markdown_output(nb) -> str:
+    """The last Markdown display of a run: by the course's convention, its "What we measured" table."""
+    for cell in reversed(nb.cells):
+        for output in reversed(cell.get("outputs", [])):
+            if "text/markdown" in output.get("data", {}):
+                return output["data"]["text/markdown"]
+    return "(no table)"
+
+
+def run_notebook(path: Path, out_dir: Path, timeout: int) -> tuple[bool, float, str]:
+    nb = nbformat.read(path, as_version=4)
+    start = time.perf_counter()
+    try:
+        NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                       resources={"metadata": {"path": str(path.parent)}}).execute()
+        ok, note = True, last_markdown_output(nb)
+    except CellExecutionError as error:
+        ok, note = False, f"```\n{str(error)[-1500:]}\n```"
+    seconds = time.perf_counter() - start
+    nbformat.write(nb, out_dir / f"{path.parent.name}-{path.name}")
+    return ok, seconds, note
+
+
+def run_command(cmd: list[str], log: Path) -> tuple[int, float]:
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    return code, time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="gpu" if torch.cuda.is_available() else "laptop",
+                        choices=["ci", "laptop", "gpu"])
+    parser.add_argument("--out", type=Path, default=Path("course-report"))
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    parser.add_argument("--only", nargs="*", default=None, help="notebook numbers, e.g. 01 02")
+    parser.add_argument("--solutions", action="store_true", help="also run solutions/")
+    args = parser.parse_args()
+    os.environ["COURSE_PROFILE"] = args.profile
+    os.environ["COURSE_CHECKS_STRICT"] = "1"
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    lines = [f"# Course report: profile {args.profile}", "", f"device: {device}; torch {torch.__version__}", ""]
+    failed = 0
+    if torch.cuda.is_available():
+        code, seconds = run_command([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "tests"],
+                                    args.out / "cuda-tests.log")
+        lines += [f"## CUDA tests: {'passed' if code == 0 else 'FAILED'} in {seconds:.0f} s (cuda-tests.log)", ""]
+        failed += code != 0
+        for bench in sorted((ROOT / "benchmarks").glob("bench_*.py")):
+            code, seconds = run_command([sys.executable, str(bench)], args.out / f"{bench.stem}.log")
+            lines += [f"## {bench.stem}: {'ok' if code == 0 else 'FAILED'} in {seconds:.0f} s",
+                      "", "```", (args.out / f"{bench.stem}.log").read_text()[-4000:], "```", ""]
+            failed += code != 0
+    folders = ["notebooks"] + (["solutions"] if args.solutions else [])
+    rows = ["| notebook | result | minutes |", "|---|---|---|"]
+    tables = []
+    for folder in folders:
+        for path in sorted((ROOT / folder).glob("*.ipynb")):
+            if args.only and path.name[:2] not in args.only:
+                continue
+            print(f"running {folder}/{path.name} ...", flush=True)
+            ok, seconds, note = run_notebook(path, args.out, args.timeout)
+            failed += not ok
+            rows.append(f"| {folder}/{path.name} | {'ok' if ok else 'FAILED'} | {seconds / 60:.1f} |")
+            tables += [f"### {folder}/{path.name}", "", note, ""]
+            print(f"  {'ok' if ok else 'FAILED'} in {seconds / 60:.1f} min", flush=True)
+    lines += ["## Notebooks", ""] + rows + [""] + tables
+    (args.out / "report.md").write_text("\n".join(lines) + "\n")
+    print(f"report: {args.out / 'report.md'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
