@@ -11,12 +11,12 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_NOTEBOOKS := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider
 
-.PHONY: lab test setup setup-test model unit notebooks exercises clean-notebooks slides benchmarks course-report clean
+.PHONY: lab test setup setup-test model browser unit notebooks exercises clean-notebooks slides benchmarks course-report clean
 
 lab: setup model
 	$(VENV)/bin/jupyter lab notebooks/
 
-test: setup-test model
+test: setup-test model $(if $(CI),browser)
 	$(PY) -m course_lib.notebook_tools exercises --check
 	$(PY) -m course_lib.notebook_tools outputs
 	COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 $(PY) -m pytest tests
@@ -49,9 +49,19 @@ exercises: | $(VENV)/bin/python
 clean-notebooks: | $(VENV)/bin/python
 	$(PY) -m course_lib.notebook_tools outputs --strip
 
+# nbconvert's reveal.js decks, with reveal.js and MathJax vendored into slides/vendor (via npm,
+# cached) so they present offline; without npm they load those from CDNs and say so.
 slides: setup
-	mkdir -p slides
-	$(VENV)/bin/jupyter nbconvert --to slides --output-dir slides notebooks/*.ipynb
+	$(PY) -m course_lib.slides --out slides notebooks/*.ipynb
+
+# Debian's chromium for tests/test_browser.py (Playwright drives it; no browser download). `make test`
+# runs this under CI; elsewhere run it once yourself (as root), or the browser test skips.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "could not install chromium: tests/test_browser.py will skip"; \
+	else echo "chromium is missing (as root: apt-get install chromium): tests/test_browser.py will skip"; fi
 
 benchmarks: setup-test model
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

@@ -91,10 +91,11 @@ def stray_outputs(path: Path) -> list[int]:
 
 
 def strip_outputs(path: Path) -> bool:
-    """Remove stray outputs and run timestamps in place (nbval needs the execution count of a checked
+    """Remove stray outputs, saved widget state and run timestamps in place (nbval needs the execution count of a checked
     cell with outputs, so those stay); True when the file changed."""
     nb = nbformat.read(path, as_version=4)
     before = nbformat.writes(nb)
+    nb.metadata.pop("widgets", None)  # saved widget state: stale, large, and it makes decks load from a CDN
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
         if cell.cell_type == "code" and CHECKED not in cell.source:

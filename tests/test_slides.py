@@ -1,0 +1,178 @@
+"""Lecture mode: every lecture notebook builds a reveal.js deck that a projector can show.
+
+Each deck (built as `make slides` builds it, into a temporary folder) must have one <section> per
+slide cell and one nested <section> per slide or subslide cell; no cell on a slide may be taller
+than a slide, and figures must fit one. The vendoring of the decks' libraries is tested on a small
+tarball made here (the real ones come from npm; tests/test_browser.py presents a deck with them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import re
+import tarfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from course_lib import slides
+
+ROOT = Path(__file__).resolve().parents[1]
+LECTURES = sorted((ROOT / "notebooks").glob("*.ipynb"))
+SLIDE_TYPES = {"slide", "subslide", "fragment", "-", "skip", "notes"}
+# A deck's slide is 1280 x 720 px (course_lib.slides.SLIDE_SIZE); at its 19-20 px fonts about 30
+# lines fit. tests/test_browser.py measures each rendered subslide as well.
+MAX_CELL_LINES = 30
+# figsize in inches; matplotlib's inline backend draws them at 72 dpi: 10 x 7 in is 720 x 504 px.
+MAX_FIGURE_INCHES = (10, 7)
+FIGSIZE = re.compile(r"figsize\s*=\s*\(\s*([\d.]+)\s*,\s*([\d.]+)\s*\)")
+
+
+def slide_type(cell) -> str:
+    return cell.metadata.get("slideshow", {}).get("slide_type", "-")
+
+
+def expected_sections(nb) -> tuple[int, int]:
+    """(slides, slides + subslides) as nbconvert builds them: the first shown cell opens a slide."""
+    shown = [slide_type(c) for c in nb.cells if slide_type(c) not in {"skip", "notes"}]
+    return 1 + shown[1:].count("slide"), 1 + sum(t in {"slide", "subslide"} for t in shown[1:])
+
+
+class SectionCounter(HTMLParser):
+    """Counts a deck's <section>s: depth 1 = slides, depth 2 = the vertical subslides in them."""
+
+    def __init__(self):
+        super().__init__()
+        self.depth, self.slides, self.subslides = 0, 0, 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "section":
+            self.depth += 1
+            self.slides += self.depth == 1
+            self.subslides += self.depth == 2
+
+    def handle_endtag(self, tag):
+        if tag == "section":
+            self.depth -= 1
+
+
+def lecture_ids(path: Path) -> str:
+    return path.stem
+
+
+@pytest.fixture(scope="module")
+def deck_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("slides")
+
+
+@pytest.mark.parametrize("notebook", LECTURES, ids=lecture_ids)
+def test_deck_has_a_section_per_slide_cell(notebook, deck_dir):
+    nb = nbformat.read(notebook, as_version=4)
+    deck = slides.build_deck(notebook, deck_dir)
+    counter = SectionCounter()
+    counter.feed(deck.read_text(encoding="utf-8"))
+    assert counter.depth == 0, f"{deck.name}: unbalanced <section> tags"
+    assert (counter.slides, counter.subslides) == expected_sections(nb), (
+        f"{deck.name}: (slides, subslides) in the deck vs. the cells' slide metadata")
+
+
+@pytest.mark.parametrize("notebook", LECTURES, ids=lecture_ids)
+def test_every_cell_has_slide_metadata(notebook):
+    nb = nbformat.read(notebook, as_version=4)
+    missing = [i for i, c in enumerate(nb.cells) if c.metadata.get("slideshow", {}).get("slide_type") not in SLIDE_TYPES]
+    assert not missing, f"{notebook.name}: cells {missing} lack metadata.slideshow.slide_type (one of {sorted(SLIDE_TYPES)})"
+    assert slide_type(nb.cells[0]) == "slide", f"{notebook.name}: the title cell should open a slide"
+
+
+@pytest.mark.parametrize("notebook", LECTURES, ids=lecture_ids)
+def test_no_cell_is_taller_than_a_slide(notebook):
+    nb = nbformat.read(notebook, as_version=4)
+    tall = [(i, c.cell_type, len(c.source.splitlines())) for i, c in enumerate(nb.cells)
+            if slide_type(c) not in {"skip", "notes"} and len(c.source.splitlines()) > MAX_CELL_LINES]
+    assert not tall, f"{notebook.name}: (cell, type, lines) taller than {MAX_CELL_LINES} lines: {tall}"
+
+
+@pytest.mark.parametrize("notebook", LECTURES, ids=lecture_ids)
+def test_no_saved_widget_state(notebook):
+    # Executing a notebook with nbclient saves its widgets' state in the metadata; a deck of such a
+    # notebook loads the widget manager from unpkg.com, and the state is stale output anyway.
+    nb = nbformat.read(notebook, as_version=4)
+    assert "widgets" not in nb.metadata, (
+        f"{notebook.name}: metadata.widgets holds saved widget state ({len(str(nb.metadata.widgets))} "
+        "characters): delete it (notebooks are committed without outputs)")
+
+
+def figure_sizes(source: str) -> list[tuple[float, float]]:
+    return [(float(w), float(h)) for w, h in FIGSIZE.findall(source)]
+
+
+@pytest.mark.parametrize("path", LECTURES + sorted((ROOT / "course_lib").rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_figures_fit_a_projector(path):
+    if path.suffix == ".ipynb":
+        source = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+    else:
+        source = path.read_text()
+    too_big = [size for size in figure_sizes(source)
+               if size[0] > MAX_FIGURE_INCHES[0] or size[1] > MAX_FIGURE_INCHES[1]]
+    assert not too_big, f"{path.name}: figsize {too_big} exceeds {MAX_FIGURE_INCHES} inches"
+
+
+def test_figure_size_pattern():
+    assert figure_sizes("plt.subplots(1, 2, figsize=(8, 4))\nplt.figure(figsize = (10.5,3))") == [(8, 4), (10.5, 3)]
+
+
+# ---- vendoring the decks' libraries (npm tarballs), on a tarball made here
+
+
+def fake_library(tmp_path, monkeypatch) -> slides.VendoredLibrary:
+    """A cached npm-style tarball (package/...) and its VendoredLibrary, in a temporary cache."""
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path / "cache"))
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, text in {"package/dist/lib.js": "var lib;", "package/unpacked/big.js": "//"}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(text)
+            archive.addfile(info, io.BytesIO(text.encode()))
+    data = buffer.getvalue()
+    cached = tmp_path / "cache" / "npm" / "fakelib-1.0.0.tgz"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(data)
+    return slides.VendoredLibrary("fakelib", "1.0.0", hashlib.sha1(data).hexdigest(), "jquery_url",
+                                  "dist/lib.js", skip=("unpacked/",))
+
+
+def test_unpack_library_strips_the_package_folder_and_skips(tmp_path, monkeypatch):
+    library = fake_library(tmp_path, monkeypatch)
+    folder = slides.unpack_library(library, tmp_path / "vendor")
+    assert (folder / "dist" / "lib.js").read_text() == "var lib;"
+    assert not (folder / "unpacked").exists()
+
+
+def test_a_corrupt_cached_tarball_without_npm_is_reported(tmp_path, monkeypatch):
+    library = fake_library(tmp_path, monkeypatch)
+    broken = dataclasses.replace(library, sha1="0" * 40)
+    monkeypatch.setattr(slides.shutil, "which", lambda name: None)
+    with pytest.raises(slides.OfflineLibrariesUnavailable, match="npm is not installed"):
+        slides.npm_tarball(broken)
+
+
+def test_build_decks_falls_back_to_cdns_without_the_libraries(tmp_path, monkeypatch, capsys):
+    def unavailable(out_dir):
+        raise slides.OfflineLibrariesUnavailable("no npm here")
+
+    monkeypatch.setattr(slides, "offline_settings", unavailable)
+    notebook = tmp_path / "talk.ipynb"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Talk")])
+    nb.cells[0].metadata["slideshow"] = {"slide_type": "slide"}
+    nbformat.write(nb, notebook)
+    [deck] = slides.build_decks([notebook], tmp_path / "out")
+    assert "https://unpkg.com/reveal.js" in deck.read_text() and "need the internet" in capsys.readouterr().err
+
+
+def test_build_decks_needs_notebooks(tmp_path):
+    with pytest.raises(ValueError, match="notebooks"):
+        slides.build_decks([], tmp_path)
