@@ -61,6 +61,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     parser.add_argument("--only", nargs="*", default=None, help="notebook numbers, e.g. 01 02")
     parser.add_argument("--solutions", action="store_true", help="also run solutions/")
+    parser.add_argument("--quick", action="store_true", help="quick GPU checks (gpu_check.py --quick)")
     args = parser.parse_args()
     os.environ["COURSE_PROFILE"] = args.profile
     os.environ["COURSE_CHECKS_STRICT"] = "1"
@@ -68,16 +69,13 @@ def main() -> int:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     lines = [f"# Course report: profile {args.profile}", "", f"device: {device}; torch {torch.__version__}", ""]
     failed = 0
-    if torch.cuda.is_available():
-        code, seconds = run_command([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "tests"],
-                                    args.out / "cuda-tests.log")
-        lines += [f"## CUDA tests: {'passed' if code == 0 else 'FAILED'} in {seconds:.0f} s (cuda-tests.log)", ""]
+    if torch.cuda.is_available():  # CUDA tests and GPU benchmarks: benchmarks/gpu_check.py
+        code, seconds = run_command([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")]
+                                    + (["--quick"] if args.quick else []),
+                                    args.out / "gpu-check.log")
+        lines += [f"## GPU checks: {'ok' if code == 0 else 'FAILED'} in {seconds:.0f} s (gpu-check.log)",
+                  "", "```", (args.out / "gpu-check.log").read_text()[-6000:], "```", ""]
         failed += code != 0
-        for bench in sorted((ROOT / "benchmarks").glob("bench_*.py")):
-            code, seconds = run_command([sys.executable, str(bench)], args.out / f"{bench.stem}.log")
-            lines += [f"## {bench.stem}: {'ok' if code == 0 else 'FAILED'} in {seconds:.0f} s",
-                      "", "```", (args.out / f"{bench.stem}.log").read_text()[-4000:], "```", ""]
-            failed += code != 0
     folders = ["notebooks"] + (["solutions"] if args.solutions else [])
     rows = ["| notebook | result | minutes |", "|---|---|---|"]
     tables = []

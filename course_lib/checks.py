@@ -113,3 +113,251 @@ def check_bytes_at_precision(learner_fn: Callable[[int, float], float]) -> Check
              for n, bits in [(1, 32), (134_515_008, 32), (134_515_008, 16), (134_515_008, 8),
                              (1000, 4), (7_000_000_000, 4.5)]]
     return run_check("bytes_at_precision", learner_fn, cases)
+
+
+# ----------------------------------------------------------------------------- chapter 06
+
+def check_majority_vote(learner_fn: Callable) -> CheckResult:
+    """Chapter 06: (most frequent answer, its share of all samples); None never wins; ties go to
+    the answer seen first."""
+    from .self_improve import majority_vote
+
+    votes = [[7, 7, 8, 7], [3], [5, 4, 4, 5], [4, 5, 5, 4], [None, 9, 2, 2, 9], [None, None, None, 6],
+             [None, None], [12, 11, 11, 12, 11]]
+    return run_check("majority_vote", learner_fn, [((v,), {}, majority_vote(v)) for v in votes])
+
+
+def check_extract_answer(learner_fn: Callable) -> CheckResult:
+    """Chapter 06: the number a chatty reply gives as its answer (None when it gives none)."""
+    from .self_improve import extract_answer
+
+    replies = ["15", "4 + 7 = 11", "The answer is 12.", "The answer is 2 + 1 = 3.",
+               "19 + 17 = 26\n\nThis is a classic example of a mathematical identity",
+               "To solve this problem, we need to find the sum of 9 and 4.\n\nThe answer is 18.",
+               "To solve this problem, we need to find the sum of 8 and 3. First, we add 8 to 3, which gives us 11.",
+               "To add 5 and 6, you simply add them together.", "The sum of 3 and 5 is **8**."]
+    return run_check("extract_answer", learner_fn, [((r,), {}, extract_answer(r)) for r in replies])
+
+
+# ----------------------------------------------------------------------------- chapter 03
+
+def check_sft_labels(learner_fn: Callable) -> CheckResult:
+    """Chapter 03: labels = input ids, with the prompt tokens and the padding set to -100."""
+    from .train import response_labels
+
+    ids = torch.tensor([[11, 12, 13, 14, 15, 16], [21, 22, 23, 24, 0, 0], [31, 32, 33, 34, 35, 36]])
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    cases = [((ids, lengths, attention), {}, response_labels(ids, lengths, attention))
+             for lengths in ([2, 3, 0], [4, 1, 6], [1, 4, 5])]
+    return run_check("sft_labels", learner_fn, cases)
+
+
+# ----------------------------------------------------------------------------- chapter 04
+
+def _kl_cases(reference: Callable) -> list[tuple[tuple, dict, torch.Tensor]]:
+    g = torch.Generator().manual_seed(4)
+    cases = []
+    for rows, vocab, temperature in [(1, 4, 1.0), (5, 10, 1.0), (5, 10, 2.0), (3, 50, 0.5), (7, 8, 4.0)]:
+        student, teacher = torch.randn(rows, vocab, generator=g) * 3, torch.randn(rows, vocab, generator=g) * 3
+        cases.append(((student, teacher, temperature), {}, reference(student, teacher, temperature)))
+    return cases
+
+
+def _check_kl(name: str, learner_fn: Callable, reference: Callable, mirror: Callable) -> CheckResult:
+    """Compare with `reference`; when the learner's values match `mirror` instead, say so."""
+    result = _run_cases(name, learner_fn, _kl_cases(reference), 1e-5, 1e-4)
+    if not result.passed and _run_cases(name, learner_fn, _kl_cases(mirror), 1e-5, 1e-4).passed:
+        result.details += ("\n   your values are the other direction of the KL: swap which distribution "
+                           "weights the log-ratio")
+    elif not result.passed and _run_cases(name, learner_fn, [
+            (args, kw, reference(*args[:2], 1.0)) for args, kw, _ in _kl_cases(reference)[2:3]], 1e-5, 1e-4).passed:
+        result.details += "\n   your values ignore the temperature: divide both logits by it before the softmax"
+    return report(result)
+
+
+def check_forward_kl(learner_fn: Callable) -> CheckResult:
+    """Chapter 04: mean over rows of KL(p_T || p_S), both softened by the temperature."""
+    from .distill import forward_kl, reverse_kl
+
+    return _check_kl("forward_kl", learner_fn, forward_kl, reverse_kl)
+
+
+def check_reverse_kl(learner_fn: Callable) -> CheckResult:
+    """Chapter 04: mean over rows of KL(p_S || p_T), both softened by the temperature."""
+    from .distill import forward_kl, reverse_kl
+
+    return _check_kl("reverse_kl", learner_fn, reverse_kl, forward_kl)
+
+
+# ----------------------------------------------------------------------------- chapter 01
+
+def _quantization_inputs() -> list[torch.Tensor]:
+    """The slide's 3x3 matrix, a wider random one, and an all-positive one (zero-point's case)."""
+    g = torch.Generator().manual_seed(1)
+    slide = torch.tensor([[0.34, 3.75, 5.64], [1.12, 2.7, -0.9], [-4.7, 0.68, 1.43]])
+    return [slide, torch.randn(4, 16, generator=g) * 2, torch.rand(3, 8, generator=g) * 5 + 1]
+
+
+def _check_quantized(name: str, learner_fn: Callable, cases: list, hint: str = "") -> CheckResult:
+    """Compare values; then insist that q is stored as int8 (one byte per value is the point)."""
+    result = _run_cases(name, learner_fn, cases, 1e-6, 1e-5)
+    if result.passed:
+        args, kwargs, _ = cases[0]
+        q = learner_fn(*args, **kwargs)[0]
+        if q.dtype != torch.int8:
+            result = CheckResult(name, False, f"the values are right, but q is {q.dtype}: store it as "
+                                              "torch.int8 (q.to(torch.int8)), one byte per value")
+    elif hint:
+        result.details += f"\n   hint: {hint}"
+    return report(result)
+
+
+def check_absmax_quantize(learner_fn: Callable) -> CheckResult:
+    """Chapter 01: (q, scale), q = round(qmax / max|x| · x), qmax = 2^(bits−1) − 1, scale = max|x| / qmax."""
+    from .quant import absmax_quantize
+
+    cases = [((x,), {"bits": bits}, absmax_quantize(x, bits)) for x in _quantization_inputs() for bits in (8, 4)]
+    return _check_quantized("absmax_quantize", learner_fn, cases,
+                            "qmax is 127 for 8 bits and 7 for 4 bits; the largest |x| must map to ±qmax")
+
+
+def check_zeropoint_quantize(learner_fn: Callable) -> CheckResult:
+    """Chapter 01: (q, scale, zero_point) with scale = (max − min)/(2^b − 1),
+    zero_point = round(−min/scale) − 2^(b−1), q = clamp(round(x/scale) + zero_point, −2^(b−1), 2^(b−1) − 1)."""
+    from .quant import zeropoint_quantize
+
+    cases = [((x,), {"bits": bits}, zeropoint_quantize(x, bits)) for x in _quantization_inputs() for bits in (8, 4)]
+    return _check_quantized("zeropoint_quantize", learner_fn, cases,
+                            "the smallest value must map to −2^(bits−1) and the largest to 2^(bits−1) − 1")
+
+
+def check_group_quantize(learner_fn: Callable) -> CheckResult:
+    """Chapter 01: absmax per group of `group_size` consecutive values along the last dimension;
+    scale has one value per group, shape [..., n // group_size]."""
+    from .quant import absmax_quantize
+
+    g = torch.Generator().manual_seed(2)
+    inputs = [(torch.randn(4, 16, generator=g), 4, 8), (torch.randn(4, 16, generator=g) * 3, 8, 8),
+              (torch.randn(2, 3, 32, generator=g), 16, 4)]
+    cases = [((x, group), {"bits": bits}, absmax_quantize(x, bits, group_size=group)) for x, group, bits in inputs]
+    return _check_quantized("group_quantize", learner_fn, cases,
+                            "view x as [..., n // group_size, group_size] and take the max over the last axis")
+
+
+def check_dequantize(learner_fn: Callable) -> CheckResult:
+    """Chapter 01: x̂ = q · scale, or (q − zero_point) · scale, per tensor, per channel or per group."""
+    from .quant import absmax_quantize, dequantize, zeropoint_quantize
+
+    slide, wide, positive = _quantization_inputs()
+    quantized = [absmax_quantize(slide), absmax_quantize(wide, 4, dim=-1), zeropoint_quantize(positive),
+                 zeropoint_quantize(wide, 8, dim=0), absmax_quantize(wide, 8, group_size=4),
+                 zeropoint_quantize(wide, 4, group_size=8)]
+    cases = [(tuple(parts), {}, dequantize(*parts)) for parts in quantized]
+    result = _run_cases("dequantize", learner_fn, cases, 1e-6, 1e-5)
+    if not result.passed:
+        result.details += ("\n   hint: subtract zero_point (when given) before scaling; a per-group scale has "
+                           "n // group_size values in its last axis: repeat each one group_size times "
+                           "(torch.repeat_interleave) before multiplying")
+    return report(result)
+
+
+# ----------------------------------------------------------------------------- chapter 02
+
+def check_w8a16_forward(learner_fn: Callable) -> CheckResult:
+    """Chapter 02: y = x @ (W_q · s_w)^T + b for an Int8Linear in mode "w8a16"."""
+    from torch import nn
+
+    from .int8_inference import Int8Linear
+
+    torch.manual_seed(3)
+    cases = []
+    for (k, n, bias, granularity, shape) in [(16, 8, True, "channel", (3, 16)), (16, 8, False, "channel", (2, 5, 16)),
+                                              (32, 12, True, "tensor", (4, 32))]:
+        layer = Int8Linear.from_float(nn.Linear(k, n, bias=bias), "w8a16", granularity)
+        x = torch.randn(shape)
+        with torch.no_grad():
+            cases.append(((layer, x), {}, layer(x)))
+    result = _run_cases("w8a16_forward", learner_fn, cases, 1e-5, 1e-4)
+    if not result.passed:
+        unscaled = [((layer, x), {}, torch.nn.functional.linear(x, layer.weight.float(), layer.bias))
+                    for (layer, x), _, _ in cases]
+        if _run_cases("w8a16_forward", learner_fn, unscaled, 1e-5, 1e-4).passed:
+            result.details += "\n   hint: the INT8 weights need their scale: W ≈ weight · weight_scale"
+    return report(result)
+
+
+# ----------------------------------------------------------------------------- chapter 07
+
+def check_smallest_within(learner_fn: Callable) -> CheckResult:
+    """Chapter 07: the smallest stair within a tolerance of the reference's metric."""
+    from .staircase import smallest_within
+
+    table = [{"stair": name, "weights (MiB)": mib, "ppl": ppl}
+             for name, mib, ppl in [("big", 500.0, 3.0), ("big-int8", 200.0, 3.1),
+                                    ("small", 190.0, 9.0), ("small-int8", 130.0, 9.5)]]
+    cases = [((table, "ppl", ref, tol), {}, smallest_within(table, "ppl", ref, tol))
+             for ref, tol in [("big", 0.0), ("big", 0.05), ("big", 2.0), ("big", 5.0), ("small", 0.1)]]
+    result = _run_cases("smallest_within", learner_fn, cases, 1e-9, 0.0)
+    if result:
+        for bad in [{"reference": "nope", "tolerance": 0.1}, {"reference": "big", "tolerance": -1.0}]:
+            try:
+                learner_fn(table, "ppl", bad["reference"], bad["tolerance"])
+            except ValueError:
+                continue
+            except Exception as error:  # noqa: BLE001 - reported to the learner
+                result = CheckResult("smallest_within", False, f"with {bad}: expected ValueError, "
+                                                               f"got {type(error).__name__}: {error}")
+                break
+            result = CheckResult("smallest_within", False, f"with {bad}: expected a ValueError, got no error")
+            break
+    return report(result)
+
+
+# ----------------------------------------------------------------------------- chapter 05
+
+def _feedback_cases(fn: Callable, n_args: int, **kwargs) -> list[tuple[tuple, dict, Any]]:
+    """Fixed inputs (rewards / log-probs, some large) and course_lib's answers for them."""
+    gen = torch.Generator().manual_seed(5)
+    cases = []
+    for size, scale in [(1, 1.0), (6, 1.0), (8, 100.0)]:
+        args = tuple(torch.randn(size, generator=gen) * scale for _ in range(n_args))
+        cases.append((args, kwargs, fn(*args, **kwargs)))
+    return cases
+
+
+def check_bradley_terry_loss(learner_fn: Callable) -> CheckResult:
+    """Chapter 05: the Bradley–Terry loss, mean of −log σ(r_chosen − r_rejected)."""
+    from .feedback import bradley_terry_loss
+
+    cases = _feedback_cases(bradley_terry_loss, 2)
+    cases.append(((torch.zeros(3), torch.zeros(3)), {}, bradley_terry_loss(torch.zeros(3), torch.zeros(3))))
+    result = _run_cases("bradley_terry_loss", learner_fn, cases, 1e-5, 1e-5)
+    if not result and _run_cases("bradley_terry_loss", learner_fn, cases[:2], 1e-5, 1e-5).passed:
+        result.details += "\n   hint: large rewards overflow exp(); F.logsigmoid stays finite"
+    return report(result)
+
+
+def check_dpo_loss(learner_fn: Callable) -> CheckResult:
+    """Chapter 05: the DPO loss (sigmoid form) with its β."""
+    from .feedback import dpo_loss
+
+    cases = _feedback_cases(dpo_loss, 4) + _feedback_cases(dpo_loss, 4, beta=0.5)
+    result = _run_cases("dpo_loss", learner_fn, cases, 1e-5, 1e-5)
+    if not result and _run_cases("dpo_loss", learner_fn, cases[:3], 1e-5, 1e-5).passed:
+        result.details += "\n   hint: the default case passes; is beta used, not a fixed 0.1?"
+    return report(result)
+
+
+def check_average_orders(learner_fn: Callable) -> CheckResult:
+    """Chapter 05: P(first better) from a judge asked in both orders."""
+    from .feedback import average_orders
+
+    pairs = [(torch.tensor([0.8, 0.8, 0.5]), torch.tensor([0.8, 0.2, 0.5])),
+             (torch.tensor([0.9, 0.3, 0.6, 0.1]), torch.tensor([0.7, 0.6, 0.2, 0.95]))]
+    cases = [((a, b), {}, average_orders(a, b)) for a, b in pairs]
+    result = _run_cases("average_orders", learner_fn, cases, 1e-6, 1e-5)
+    naive = [((a, b), {}, (a + b) / 2) for a, b in pairs]
+    if not result and _run_cases("average_orders", learner_fn, naive, 1e-6, 1e-5).passed:
+        result.details += ("\n   hint: in the swapped order the first response is shown as B, so its "
+                           "probability is 1 − P(A)")
+    return report(result)

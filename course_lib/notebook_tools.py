@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -90,6 +91,14 @@ def stray_outputs(path: Path) -> list[int]:
             and (c.outputs or c.execution_count is not None)]
 
 
+def unrecorded_checks(path: Path) -> list[int]:
+    """Indices of checked cells whose outputs lack an execution count: nbval fails them ("Unrun
+    reference cell has outputs"); `record` writes outputs and counts together."""
+    nb = nbformat.read(path, as_version=4)
+    return [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and CHECKED in c.source
+            and c.outputs and c.execution_count is None]
+
+
 def strip_outputs(path: Path) -> bool:
     """Remove stray outputs, saved widget state and run timestamps in place (nbval needs the execution count of a checked
     cell with outputs, so those stay); True when the file changed."""
@@ -108,8 +117,11 @@ def strip_outputs(path: Path) -> bool:
 
 def record_checked_outputs(path: Path, timeout: int = 1800) -> None:
     """Execute `path` (in its folder) and save it with only the NBVAL_CHECK_OUTPUT cells' outputs,
-    so that nbval has the expected outputs to compare with."""
+    so that nbval has the expected outputs to compare with. Runs in the ci profile (what CI
+    compares against) unless COURSE_PROFILE says otherwise."""
     from nbclient import NotebookClient
+
+    os.environ.setdefault("COURSE_PROFILE", "ci")  # the kernel inherits it
 
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=timeout, kernel_name="python3",
@@ -159,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     for path, cells in problems.items():
         print(f"{path}: code cells {cells} carry outputs; run `make clean-notebooks` "
               f"(only cells marked # {CHECKED} may keep theirs)", file=sys.stderr)
-    return 1 if problems else 0
+    unrecorded = {p: cells for p in all_notebooks() if (cells := unrecorded_checks(p))}
+    for path, cells in unrecorded.items():
+        print(f"{path}: checked cells {cells} have outputs but no execution count; run "
+              f"`python -m course_lib.notebook_tools record {path}`", file=sys.stderr)
+    return 1 if problems or unrecorded else 0
 
 
 if __name__ == "__main__":

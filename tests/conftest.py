@@ -10,3 +10,12 @@ def teacher():
 
     torch.manual_seed(0)
     return load_teacher(device="cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one thread (quantization kernels compared bit for bit), then restore."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

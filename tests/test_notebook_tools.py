@@ -79,6 +79,11 @@ def test_stray_outputs_are_found_and_stripped(tmp_path):
     assert nt.strip_outputs(path)
     assert nt.stray_outputs(path) == []
     assert nbformat.read(path, as_version=4).cells[1].outputs, "checked outputs stay"
+    assert nt.unrecorded_checks(path) == [1]  # nbval needs the count beside them
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[1].execution_count = 1
+    nbformat.write(nb, path)
+    assert nt.unrecorded_checks(path) == [] and not nt.strip_outputs(path)
 
 
 def test_cli_exit_codes_say_what_to_do(tmp_path, monkeypatch, capsys):
@@ -104,6 +109,7 @@ def test_the_course_exercises_are_up_to_date():
 
 def test_the_course_notebooks_are_committed_clean():
     assert {str(p): nt.stray_outputs(p) for p in nt.all_notebooks(ROOT) if nt.stray_outputs(p)} == {}
+    assert {str(p): nt.unrecorded_checks(p) for p in nt.all_notebooks(ROOT) if nt.unrecorded_checks(p)} == {}
 
 
 def test_every_chapter_has_lecture_solution_and_exercise():

@@ -1,0 +1,218 @@
+"""End to end: SmolLM2-135M quantized by the course, by torchao and by bitsandbytes, in one run.
+
+    python benchmarks/bench_end_to_end.py [--repeats 5] [--decode-steps 16] [--threads N] [--no-memory]
+
+Prefill: 8 sequences × 128 tokens of human text read into the KV cache (logits of the last position,
+as `generate` does). Decode: then `--decode-steps` greedy tokens for the 8 sequences. Every variant is
+built first; the repeats are interleaved (variant after variant, round after round), so a busy
+machine slows all of them alike; each figure is the median of its repeats, reported as a ratio to
+the baseline (FP32 on a CPU, BF16 on CUDA). Peak memory: each variant again in a fresh process,
+the peak resident memory during one prefill (CPU, Linux) or the peak CUDA memory allocated.
+lm_head (tied to the embedding) stays in float everywhere. Chapter 02 explains every variant.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from course_lib.evaluate import human_corpus
+from course_lib.int8_inference import (activation_absmax, interleaved_speed, prefill_timing, quantize_model,
+                                       quantize_with_bitsandbytes, quantize_with_torchao, smooth_model,
+                                       stored_bytes, token_batch)
+from course_lib.models import load_teacher
+from course_lib.runtime import pick_device, seed_everything
+
+CALIBRATION_TEXTS = 16  # taken from the end of the corpus; the prompts come from its start
+
+
+def _smoothquant(model, tokenizer):
+    smooth_model(model, activation_absmax(model, tokenizer, human_corpus()[-CALIBRATION_TEXTS:]), alpha=0.5)
+    quantize_model(model, "w8a8")
+
+
+VARIANTS = {
+    "course W8A16": lambda m, t: quantize_model(m, "w8a16"),
+    "course W8A8": lambda m, t: quantize_model(m, "w8a8"),
+    "course W8A8+SmoothQuant": _smoothquant,
+    "course W8A8+LLM.int8": lambda m, t: quantize_model(m, "w8a8", outlier_threshold=6.0),
+    "course W8A8, lm_head too": lambda m, t: quantize_model(m, "w8a8", include_lm_head=True),
+    "torchao W8A8": lambda m, t: quantize_with_torchao(m, "w8a8"),
+    "torchao W8A16": lambda m, t: quantize_with_torchao(m, "w8a16"),
+    "bitsandbytes LLM.int8 (6.0)": lambda m, t: quantize_with_bitsandbytes(m, 6.0),
+}
+
+
+def baseline_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def random_teacher(dtype: torch.dtype, device: torch.device):
+    """SmolLM2-135M's architecture with random weights, for machines without the teacher (speed only)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval(), None
+
+
+def build(name: str, device: torch.device, random_weights: bool = False, own_memory: bool = False):
+    """(model, tokenizer) of one variant; 'FP32' and 'BF16' are the unquantized model. With
+    `own_memory`, the weights are first copied out of the checkpoint's memory map (see peak_memory)."""
+    dtype = {"FP32": torch.float32, "BF16": torch.bfloat16}.get(name, baseline_dtype(device))
+    model, tokenizer = random_teacher(dtype, device) if random_weights else load_teacher(dtype=dtype, device=device)
+    if own_memory:
+        copy_out_of_memory_map(model)
+    if name in VARIANTS:
+        VARIANTS[name](model, tokenizer)
+    return model, tokenizer
+
+
+def copy_out_of_memory_map(model) -> None:
+    """Give every parameter its own memory (tied ones stay tied): weights loaded from safetensors
+    can live in the file's memory map, whose pages stay resident while any tensor uses the file."""
+    copies = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and type(param) is torch.nn.Parameter:
+                if id(param) not in copies:
+                    copies[id(param)] = torch.nn.Parameter(param.data.clone(), requires_grad=param.requires_grad)
+                module._parameters[name] = copies[id(param)]
+    gc.collect()
+
+
+def variant_names(device: torch.device, chosen: list[str] | None, random_weights: bool = False) -> list[str]:
+    names = (["BF16", "FP32"] if device.type == "cuda" else ["FP32"]) + list(VARIANTS)  # baseline first
+    for name in list(names):
+        package = name.split()[0]
+        if package in ("torchao", "bitsandbytes"):
+            try:
+                importlib.import_module(package)
+            except Exception as error:  # not installed, or built for another torch
+                print(f"{package} unavailable ({type(error).__name__}: {error}): skipping {name!r}", file=sys.stderr)
+                names.remove(name)
+    if random_weights:  # SmoothQuant calibrates on text; its speed is W8A8's anyway
+        names.remove("course W8A8+SmoothQuant")
+    if chosen:
+        unknown = [n for n in chosen if n not in names]
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; choose from {names}")
+        names = [n for n in names if n in chosen or n == names[0]]
+    return names
+
+
+def prompts(tokenizer, device) -> torch.Tensor:
+    """8 x 128 tokens of human text (random token ids without a tokenizer)."""
+    if tokenizer is None:
+        return torch.randint(0, 49152, (8, 128), generator=torch.Generator().manual_seed(0)).to(device)
+    return token_batch(tokenizer, human_corpus(), batch_size=8, length=128).to(device)
+
+
+def peak_memory(name: str, device: torch.device, random_weights: bool = False) -> float:
+    """MiB at the peak of one prefill of `name`, measured in this (fresh) process: on a CPU the
+    resident memory of the whole process (weights, activations, and Python/torch themselves), with
+    the weights out of the memory map and glibc returning freed blocks (see the subprocess' env)."""
+    model, tokenizer = build(name, device, random_weights, own_memory=device.type == "cpu")
+    ids = prompts(tokenizer, device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        prefill_timing(model, ids, repeats=1, warmup=0)
+        return torch.cuda.max_memory_allocated() / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the high-water mark here
+    prefill_timing(model, ids, repeats=1, warmup=0)
+    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def peak_memory_in_subprocess(name: str, threads: int, random_weights: bool) -> float | None:
+    command = [sys.executable, __file__, "--peak-memory-of", name, "--threads", str(threads)]
+    command += ["--random-weights"] if random_weights else []
+    # large blocks from mmap, so that memory freed by quantization really leaves the process
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        print(f"  (peak memory of {name} failed: {result.stderr.strip().splitlines()[-1:]})", file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def run(args) -> list[dict]:
+    device = pick_device()
+    names = variant_names(device, args.variants, args.random_weights)
+    models = {}
+    for name in names:
+        print(f"building {name} ...", file=sys.stderr, flush=True)
+        models[name], tokenizer = build(name, device, args.random_weights)
+    ids = prompts(tokenizer, device)
+    timings = interleaved_speed(models, ids, ids, args.decode_steps, args.repeats)
+    base = names[0]
+    rows = []
+    for name in names:
+        prefill, decode = timings[name]["prefill"].median, timings[name]["decode"].median
+        rows.append({"variant": name, "prefill_s": prefill, "decode_s": decode,
+                     "prefill_tok_s": ids.numel() / prefill,
+                     "decode_tok_s": ids.shape[0] * args.decode_steps / decode,
+                     "prefill_speedup": timings[base]["prefill"].median / prefill,
+                     "decode_speedup": timings[base]["decode"].median / decode,
+                     "stored_mib": stored_bytes(models[name]) / 2**20})
+    if args.memory:
+        del models
+        gc.collect()
+        for row in rows:
+            row["peak_mib"] = peak_memory_in_subprocess(row["variant"], args.threads, args.random_weights)
+    return rows
+
+
+def print_table(rows: list[dict], device: torch.device, args) -> None:
+    weights = "random weights, " if args.random_weights else ""
+    print(f"\ndevice: {device} ({torch.get_num_threads()} threads), {weights}prefill 8x128, decode 8x{args.decode_steps}, "
+          f"median of {args.repeats} interleaved repeats; speedup = baseline time / variant time; "
+          f"peak = {'peak CUDA memory allocated' if device.type == 'cuda' else 'peak resident memory of the whole process'} "
+          f"during one prefill")
+    head = f"{'variant':30s} {'prefill s':>10s} {'speedup':>8s} {'decode tok/s':>13s} {'speedup':>8s} {'stored MiB':>11s} {'peak MiB':>9s}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        peak = f"{r['peak_mib']:9.0f}" if r.get("peak_mib") else f"{'-':>9s}"
+        print(f"{r['variant']:30s} {r['prefill_s']:10.3f} {r['prefill_speedup']:7.2f}x {r['decode_tok_s']:13.1f} "
+              f"{r['decode_speedup']:7.2f}x {r['stored_mib']:11.1f} {peak}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
+    parser.add_argument("--variants", nargs="*", help="only these (the baseline always runs)")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="the teacher's architecture with random weights (speed only; for machines "
+                             "that cannot fetch the teacher)")
+    parser.add_argument("--peak-memory-of", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seed_everything(0)
+    if args.peak_memory_of:
+        print(json.dumps({"peak_mib": peak_memory(args.peak_memory_of, pick_device(), args.random_weights)}))
+        return 0
+    rows = run(args)
+    print_table(rows, pick_device(), args)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""course_lib.int8_inference: INT8/INT4 layers, quantize_model, SmoothQuant, timing (chapter 02)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from course_lib.int8_inference import (Int4Linear, Int8Linear, activation_absmax, decode_timing,
+                                       pack_int4, prefill_timing, quantize_model, smooth_model,
+                                       smoothing_scales, token_batch, unpack_int4)
+from course_lib.quant import absmax_quantize, relative_error
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _linear(k=64, n=48, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(k, n, bias=bias)
+
+
+@pytest.mark.parametrize("mode", ["w8a16", "w8a8"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_linear_is_close_to_the_float_layer(mode, bias):
+    linear = _linear(bias=bias)
+    layer = Int8Linear.from_float(linear, mode)
+    x = torch.randn(2, 5, 64)
+    assert layer.weight.dtype == torch.int8 and layer.weight.shape == (48, 64)
+    assert relative_error(linear(x), layer(x)) < 0.02
+    assert layer(x).shape == (2, 5, 48) and layer(x).dtype == torch.float32
+
+
+def test_w8a16_is_the_float_matmul_with_dequantized_weights():
+    linear = _linear()
+    layer = Int8Linear.from_float(linear, "w8a16")
+    q, scale = absmax_quantize(linear.weight.detach(), 8, dim=-1)
+    x = torch.randn(7, 64)
+    assert torch.equal(layer.weight, q) and torch.equal(layer.weight_scale, scale)
+    assert torch.allclose(layer(x), x @ (q.float() * scale).t() + linear.bias, atol=1e-6)
+
+
+def test_w8a8_calls_int_mm_with_int8_operands(monkeypatch):
+    calls = []
+    real = torch._int_mm
+
+    def spy(a, b):
+        calls.append((a.dtype, b.dtype, tuple(a.shape), tuple(b.shape)))
+        return real(a, b)
+
+    monkeypatch.setattr(torch, "_int_mm", spy)
+    layer = Int8Linear.from_float(_linear(), "w8a8")
+    x = torch.randn(3, 4, 64)
+    y = layer(x)
+    assert calls == [(torch.int8, torch.int8, (12, 64), (64, 48))]
+    # the same numbers by hand: per-token absmax, int32 product, one dequantization
+    x_q, x_scale = absmax_quantize(x.reshape(-1, 64), 8, dim=-1)
+    exact = (x_q.long() @ layer.weight.long().t()).float() * x_scale * layer.weight_scale.view(1, -1)
+    assert torch.allclose(y.reshape(-1, 48), exact + layer.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_w8a16_does_not_use_int_mm(monkeypatch):
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: pytest.fail("W8A16 must not quantize activations"))
+    Int8Linear.from_float(_linear(), "w8a16")(torch.randn(2, 64))
+
+
+def test_the_input_is_quantized_once_for_layers_that_share_it(monkeypatch):
+    import course_lib.int8_inference as module
+
+    layers = [Int8Linear.from_float(_linear(seed=s)) for s in range(3)]
+    calls = []
+    real = module.absmax_quantize
+    monkeypatch.setattr(module, "absmax_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        outs = [layer(x) for layer in layers]
+        assert len(calls) == 1
+        x.mul_(2)  # changed in place: must be quantized again
+        again = layers[0](x)
+    assert len(calls) == 2
+    assert torch.allclose(again, 2 * (outs[0] - layers[0].bias) + layers[0].bias, rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():  # no version counter there: never reused
+        x2 = torch.randn(4, 64)
+        layers[0](x2), layers[1](x2)
+    assert len(calls) == 4
+
+
+def test_outlier_path_recovers_an_outlier_feature():
+    linear = _linear()
+    x = torch.randn(16, 64)
+    x[:, 9] = 300.0  # one massive feature, as in the teacher's MLP inputs
+    with torch.no_grad():
+        weights_only = Int8Linear.from_float(linear, "w8a16")(x)  # the same weights, float activations
+        plain = Int8Linear.from_float(linear, "w8a8")(x)
+        decomposed = Int8Linear.from_float(linear, "w8a8", outlier_threshold=6.0)(x)
+    # per-token scales of ~300/127 wipe out every normal feature; LLM.int8() keeps them
+    assert relative_error(weights_only, plain) > 10 * relative_error(weights_only, decomposed)
+
+
+def test_per_tensor_scale_and_bad_arguments():
+    layer = Int8Linear.from_float(_linear(), "w8a16", granularity="tensor")
+    assert layer.weight_scale.shape == ()
+    with pytest.raises(ValueError, match="mode"):
+        Int8Linear.from_float(_linear(), "w4a4")
+    with pytest.raises(ValueError, match="granularity"):
+        Int8Linear.from_float(_linear(), granularity="row")
+    with pytest.raises(ValueError, match="outlier_threshold"):
+        Int8Linear.from_float(_linear(), "w8a16", outlier_threshold=6.0)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        Int8Linear.from_float(nn.Conv1d(2, 2, 1))
+
+
+def test_pack_int4_round_trip_and_int4_linear():
+    q = torch.randint(-8, 8, (5, 32), dtype=torch.int8)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 16)
+    assert torch.equal(unpack_int4(packed), q)
+    assert packed[0, 0].item() == (q[0, 0].item() + 8) | ((q[0, 1].item() + 8) << 4)
+    with pytest.raises(ValueError):
+        pack_int4(torch.full((2, 4), 9, dtype=torch.int8))
+    linear = _linear()
+    layer = Int4Linear.from_float(linear, group_size=16)
+    x = torch.randn(3, 64)
+    assert layer.weight_scale.shape == (48, 4)
+    assert relative_error(linear(x), layer(x)) < 0.15
+    with pytest.raises(ValueError, match="group_size"):
+        Int4Linear.from_float(linear, group_size=24)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("mode, layer_type", [("w8a16", Int8Linear), ("w8a8", Int8Linear), ("w4a16", Int4Linear)])
+def test_quantize_model_swaps_layers_and_reports_bytes(mode, layer_type):
+    model = _tiny_llama()
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+        report = quantize_model(model, mode, group_size=32)
+        after = model(ids).logits
+    assert len(report.layers) == 14 and "lm_head" not in report.layers
+    assert all(isinstance(model.get_submodule(name), layer_type) for name in report.layers)
+    assert isinstance(model.lm_head, nn.Linear)
+    assert report.bytes_before == 4 * sum(model.get_submodule(n).in_features * model.get_submodule(n).out_features
+                                          for n in report.layers)
+    assert report.ratio > (3.5 if mode != "w4a16" else 5.5)
+    assert relative_error(before, after) < (0.05 if mode != "w4a16" else 0.2)
+    assert "smaller" in str(report)
+
+
+def test_quantize_model_can_take_the_head_and_rejects_unknown_modes():
+    model = _tiny_llama()
+    report = quantize_model(model, "w8a8", include_lm_head=True)
+    assert "lm_head" in report.layers and isinstance(model.lm_head, Int8Linear)
+    with pytest.raises(ValueError, match="mode"):
+        quantize_model(_tiny_llama(), "int3")
+
+
+def test_smoothing_scales_formula():
+    x_absmax = torch.tensor([4.0, 1.0, 100.0])
+    w = torch.tensor([[1.0, -0.25, 0.01], [0.5, 0.25, -0.04]])
+    s = smoothing_scales(x_absmax, [w], alpha=0.5)
+    assert torch.allclose(s, torch.tensor([2.0, 2.0, 50.0]))
+    with pytest.raises(ValueError, match="alpha"):
+        smoothing_scales(x_absmax, [w], alpha=1.5)
+
+
+def test_smooth_model_keeps_the_float_function_and_flattens_outliers(teacher_free_tokenizer):
+    model = _tiny_llama()
+    with torch.no_grad():  # plant an outlier channel feeding the MLP, as real models have
+        model.model.layers[0].post_attention_layernorm.weight[3] = 40.0
+    ids = torch.randint(0, 96, (2, 10))
+    texts = ["a b c d e f g h", "h g f e d c b a a"]
+    absmax = activation_absmax(model, teacher_free_tokenizer, texts)
+    assert set(absmax) >= {"model.layers.0.mlp.gate_proj", "model.layers.1.mlp.down_proj"}
+    smoothed = copy.deepcopy(model)
+    assert smooth_model(smoothed, absmax, alpha=0.5) == 6
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, smoothed(ids).logits, atol=1e-4)
+    after = activation_absmax(smoothed, teacher_free_tokenizer, texts)["model.layers.0.mlp.gate_proj"]
+    before = absmax["model.layers.0.mlp.gate_proj"]
+    assert after.max() / after.median() < before.max() / before.median()
+    with pytest.raises(KeyError, match="calibration"):
+        smooth_model(copy.deepcopy(model), {}, 0.5)
+
+
+@pytest.fixture
+def teacher_free_tokenizer():
+    """A character-level stand-in tokenizer (ids < 96) for the tiny model, no files needed."""
+    class CharTokenizer:
+        padding_side = "right"
+        pad_token_id = 0
+
+        def __call__(self, texts, return_tensors=None, padding=False, truncation=False, max_length=None):
+            rows = [[1 + ord(c) % 95 for c in t][:max_length] for t in texts]
+            if return_tensors is None:
+                return {"input_ids": rows}
+            width = max(map(len, rows))
+            ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+            return _Batch(input_ids=ids, attention_mask=mask)
+
+    return CharTokenizer()
+
+
+class _Batch(dict):
+    def to(self, device):
+        return _Batch({k: v.to(device) for k, v in self.items()})
+
+    def __getattr__(self, key):
+        return self[key]
+
+
+def test_token_batch_and_timings(teacher_free_tokenizer):
+    ids = token_batch(teacher_free_tokenizer, ["short", "a long enough text", "another long text"], 2, 8)
+    assert ids.shape == (2, 8)
+    with pytest.raises(ValueError, match="need 3"):
+        token_batch(teacher_free_tokenizer, ["short", "a long enough text"], 3, 8)
+    model = _tiny_llama()
+    prefill = prefill_timing(model, ids, repeats=2, warmup=0)
+    decode = decode_timing(model, ids, steps=3, repeats=2, warmup=0)
+    assert len(prefill.times) == len(decode.times) == 2 and prefill.median > 0 and decode.median > 0
+    with pytest.raises(ValueError, match="steps"):
+        decode_timing(model, ids, steps=0)
+
+
+@pytest.mark.slow
+def test_teacher_w8a8_close_to_fp32_and_smaller(teacher):
+    from course_lib.evaluate import human_corpus, perplexity
+    from course_lib.models import weight_bytes
+
+    model, tokenizer = teacher
+    texts = human_corpus(4)
+    quantized = copy.deepcopy(model)
+    report = quantize_model(quantized, "w8a8")
+    assert len(report.layers) == 210 and report.ratio >= 3.9
+    assert weight_bytes(quantized) < weight_bytes(model) / 1.9  # the FP32 embedding stays
+    fp32 = perplexity(model, tokenizer, texts, max_length=64)
+    w8a8 = perplexity(quantized, tokenizer, texts, max_length=64)
+    assert w8a8 / fp32 < 1.1
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 8, 17, 40])
+def test_int8_matmul_pads_to_cuda_shape_rules(m):
+    from course_lib.quant import int8_matmul
+
+    a = torch.randint(-128, 128, (m, 60), dtype=torch.int8, device="cuda")
+    w = torch.randint(-128, 128, (36, 60), dtype=torch.int8, device="cuda")
+    exact = (a.cpu().long() @ w.cpu().long().t()).int()
+    for b in (w.t(), w.t().contiguous()):  # column-major (as Int8Linear passes it) and row-major
+        c = int8_matmul(a, b)
+        assert c.dtype == torch.int32 and c.shape == (m, 36)
+        assert torch.equal(c.cpu(), exact)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["w8a16", "w8a8"])
+def test_int8_linear_on_cuda_bf16(mode):
+    linear = _linear().cuda().to(torch.bfloat16)
+    layer = Int8Linear.from_float(linear, mode, outlier_threshold=6.0 if mode == "w8a8" else None)
+    x = torch.randn(4, 9, 64, device="cuda", dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and y.device.type == "cuda"
+    assert relative_error(linear(x).float(), y.float()) < 0.03
+    cpu = Int8Linear.from_float(linear.float().cpu(), mode)
+    assert torch.equal(cpu.weight, layer.weight.cpu())
+
+
+@cuda
+@pytest.mark.cuda
+def test_quantized_tiny_model_runs_on_cuda():
+    model = _tiny_llama().cuda()
+    ids = torch.randint(0, 96, (2, 12), device="cuda")
+    with torch.no_grad():
+        before = model(ids).logits
+        quantize_model(model, "w8a8")
+        after = model(ids).logits
+    assert relative_error(before, after) < 0.05
