@@ -7,6 +7,7 @@ the gradients). Anything trainable fits: `loss_fn(model, batch) -> scalar loss` 
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -29,14 +30,23 @@ class TrainResult:
 
 
 def add_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0,
-             target_modules: Sequence[str] = LORA_TARGETS):
-    """Wrap `model` with LoRA adapters (Hu et al. 2021, W + B·A·alpha/r) through peft; only A, B train."""
+             target_modules: Sequence[str] = LORA_TARGETS, layers: Sequence[int] | None = None):
+    """Wrap `model` with LoRA adapters (Hu et al. 2021, W + B·A·alpha/r) through peft; only A, B train.
+
+    `layers` (decoder layer indices) limits the adapters to those layers: with only the top layers
+    adapted, backpropagation stops there, which makes each step cheaper (chapter 06).
+    """
     from peft import LoraConfig, get_peft_model
 
     if r < 1:
         raise ValueError(f"LoRA rank r must be at least 1, got {r}")
+    if layers is not None:
+        n = model.config.num_hidden_layers
+        layers = sorted(set(layers))
+        if not layers or not all(isinstance(i, int) and 0 <= i < n for i in layers):
+            raise ValueError(f"layers must be decoder layer indices in 0..{n - 1}, got {layers}")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                        task_type="CAUSAL_LM")
+                        layers_to_transform=layers, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
@@ -53,26 +63,40 @@ def _batch_stream(batches, rank: int, world: int):
         yield from batches
 
 
+def default_accelerator():
+    """`Accelerator()`, except that several processes without CUDA (e.g. `accelerate launch
+    --multi_gpu --num_processes 2` or `torchrun` on a CPU machine) get CPU data-parallel over gloo,
+    where accelerate would otherwise run each process alone without saying so."""
+    from accelerate import Accelerator
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=several and not torch.cuda.is_available())
+
+
 def train(model, loss_fn: Callable, batches: Sequence | Iterable, steps: int, lr: float = 1e-4,
           grad_accum: int = 1, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
-          seed: int = 0, progress: bool = True, desc: str = "training", accelerator=None) -> TrainResult:
+          seed: int = 0, progress: bool = True, desc: str = "training", accelerator=None,
+          warmup_steps: int = 0) -> TrainResult:
     """Minimize `loss_fn(model, batch)` for `steps` optimizer steps of `grad_accum` micro-batches.
 
     `batches` is a list (cycled) or an iterator (e.g. on-policy samples drawn as training goes).
-    Only parameters with requires_grad train (LoRA: the adapters). Trains `model` in place and
-    leaves it in eval mode.
+    Only parameters with requires_grad train (LoRA: the adapters). `warmup_steps` ramps the
+    learning rate linearly up to `lr` (short runs from a broken start diverge less). Trains `model`
+    in place and leaves it in eval mode.
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     if steps < 1 or grad_accum < 1:
         raise ValueError(f"steps and grad_accum must be at least 1, got {steps} and {grad_accum}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     seed_everything(seed)
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or default_accelerator()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (all requires_grad=False)")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup_steps + 1)))
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     wrapped.train()
     stream = _batch_stream(batches, accelerator.process_index, accelerator.num_processes)
@@ -88,6 +112,7 @@ def train(model, loss_fn: Callable, batches: Sequence | Iterable, steps: int, lr
         if max_grad_norm is not None:
             accelerator.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
         result.losses.append(total)
         bar.set_postfix(loss=f"{total:.4f}")

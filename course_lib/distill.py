@@ -1,0 +1,432 @@
+"""Knowledge distillation: the divergences, teacher-scored batches, on-policy samples (chapters 03-04).
+
+A student learns from the teacher's text (sequence-level KD: `method="sft"`, chapter 03) or from its
+next-token distributions (token-level KD, chapter 04): forward KL (Hinton et al. 2015), reverse KL
+(MiniLLM, Gu et al. 2023), the generalized Jensen-Shannon divergence (GKD, Agarwal et al. 2023),
+DistiLLM's skewed KL (Ko et al. 2024), and on-policy KD, where a fraction λ of the batches are the
+student's own samples scored by the teacher (GKD). Every run goes through `course_lib.train.train`.
+
+Logits are `(..., vocab)`; the student's and the teacher's must have the same shape. A `mask`
+(True = counts) selects the positions that count, e.g. `labels != -100`. Reductions follow TRL's
+`GKDTrainer.generalized_jsd_loss(reduction="batchmean")`: with a mask, the mean over the selected
+positions; without one, the sum over everything divided by the size of the first dimension.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .evaluate import perplexity
+from .models import chat_prompts, load_teacher, make_student
+from .runtime import cache_dir, profile
+from .teacher_data import dataset_sha256, teacher_dataset
+from .train import TrainResult, lm_loss, sft_batch, train
+
+STUDENT_VERSION = 1  # bump when a change to the training code makes cached students stale
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "hinton")
+METHODS = ("sft",) + DIVERGENCES + ("on_policy_jsd",)
+
+
+# ----------------------------------------------------------------------------- divergences
+
+def _selected(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+              mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Both logits at the masked positions, as float32, and the divisor of TRL's 'batchmean'."""
+    if not isinstance(student_logits, torch.Tensor) or not isinstance(teacher_logits, torch.Tensor):
+        raise TypeError("student_logits and teacher_logits must be tensors")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ: distillation needs the same positions and "
+                         f"the same vocabulary (student vocab {student_logits.shape[-1]}, teacher vocab "
+                         f"{teacher_logits.shape[-1]})")
+    if student_logits.dim() < 2:
+        raise ValueError(f"logits must be (..., vocab), got shape {tuple(student_logits.shape)}")
+    if mask is None:
+        return student_logits.float(), teacher_logits.float(), max(student_logits.shape[0], 1)
+    if mask.shape != student_logits.shape[:-1]:
+        raise ValueError(f"mask {tuple(mask.shape)} must match the logits without the vocabulary "
+                         f"dimension, {tuple(student_logits.shape[:-1])}")
+    mask = mask.bool()
+    return student_logits[mask].float(), teacher_logits[mask].float(), max(int(mask.sum()), 1)
+
+
+def _kl_from_logs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = Σ p·(log p − log q) over the last dimension."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _log_probs(student_logits, teacher_logits, temperature: float, mask):
+    """(log p_S, log p_T, count) at the selected positions, both logits divided by `temperature`."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    student, teacher, count = _selected(student_logits, teacher_logits, mask)
+    return F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1), count
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,
+                    temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """GKD's JSD_β = β·KL(P_T || M) + (1−β)·KL(P_S || M), M = β·P_T + (1−β)·P_S (Agarwal et al. 2023).
+
+    As in TRL, beta=0 is KL(teacher || student) and beta=1 is KL(student || teacher); both logits
+    are divided by `temperature` first. Chapter 04.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    log_s, log_t, count = _log_probs(student_logits, teacher_logits, temperature, mask)
+    if beta == 0:
+        per_position = _kl_from_logs(log_t, log_s)
+    elif beta == 1:
+        per_position = _kl_from_logs(log_s, log_t)
+    else:
+        log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
+        per_position = beta * _kl_from_logs(log_t, log_m) + (1 - beta) * _kl_from_logs(log_s, log_m)
+    return per_position.sum() / count
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(P_T || P_S) = Σ p_T·(log p_T − log p_S): mean-seeking, the classic KD target (chapter 04)."""
+    return generalized_jsd(student_logits, teacher_logits, beta=0.0, temperature=temperature, mask=mask)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(P_S || P_T) = Σ p_S·(log p_S − log p_T): mode-seeking, MiniLLM's objective (chapter 04)."""
+    return generalized_jsd(student_logits, teacher_logits, beta=1.0, temperature=temperature, mask=mask)
+
+
+def skew_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, skew: float = 0.1,
+            temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """DistiLLM's skewed KL(P_T || λ·P_T + (1−λ)·P_S), λ = `skew` (Ko et al. 2024); skew=0 is forward KL."""
+    if not 0.0 <= skew < 1.0:
+        raise ValueError(f"skew must be in [0, 1), got {skew}")
+    log_s, log_t, count = _log_probs(student_logits, teacher_logits, temperature, mask)
+    log_mix = log_s if skew == 0 else torch.logaddexp(log_t + math.log(skew), log_s + math.log1p(-skew))
+    return _kl_from_logs(log_t, log_mix).sum() / count
+
+
+def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                   temperature: float = 2.0, alpha: float = 0.5) -> torch.Tensor:
+    """Hinton et al. 2015: (1−α)·CE(labels, P_S) + α·T²·KL(P_T^T || P_S^T), labels −100 ignored.
+
+    The T² keeps the soft targets' gradients (which shrink as 1/T²) on the scale of the hard ones.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} must match the logits without the vocabulary "
+                         f"dimension, {tuple(student_logits.shape[:-1])}")
+    soft = forward_kl(student_logits, teacher_logits, temperature=temperature, mask=labels != -100)
+    hard = F.cross_entropy(student_logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100)
+    return (1 - alpha) * hard + alpha * temperature ** 2 * soft
+
+
+def soften(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(z / T): T > 1 flattens the distribution, revealing the 'dark knowledge' (chapter 04)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return F.softmax(logits.float() / temperature, dim=-1)
+
+
+def divergence_fn(name: str, temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1
+                  ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The divergence `name` (see DIVERGENCES) as f(student_rows, teacher_rows), settings bound."""
+    if name == "forward_kl":
+        return lambda s, t: forward_kl(s, t, temperature)
+    if name == "reverse_kl":
+        return lambda s, t: reverse_kl(s, t, temperature)
+    if name == "jsd":
+        return lambda s, t: generalized_jsd(s, t, beta, temperature)
+    if name == "skew_kl":
+        return lambda s, t: skew_kl(s, t, skew, temperature)
+    raise ValueError(f"divergence must be one of {DIVERGENCES[:-1]}, got {name!r}")
+
+
+# ----------------------------------------------------------------------------- batches
+
+def kd_batches(tokenizer, rows: Sequence[dict], batch_size: int = 8, max_length: int = 160) -> list[dict]:
+    """Chat batches of teacher-written rows (prompt, response): labels on the response tokens only."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not rows:
+        raise ValueError("rows is empty: no teacher-written examples to batch")
+    return [sft_batch(tokenizer, [r["prompt"] for r in rows[i:i + batch_size]],
+                      [r["response"] for r in rows[i:i + batch_size]], max_length=max_length)
+            for i in range(0, len(rows), batch_size)]
+
+
+def response_mask(batch: dict) -> torch.Tensor:
+    """Positions whose next token is a learned label: logits[:, :-1] predict labels[:, 1:]."""
+    return batch["labels"][:, 1:] != -100
+
+
+@torch.no_grad()
+def with_teacher_logits(teacher, batch: dict, dtype: torch.dtype = torch.float16) -> dict:
+    """`batch` plus `teacher_logits`: the teacher's logits at the response positions, (N, vocab).
+
+    Kept in float16 and only where the loss looks, so one teacher pass serves every divergence and
+    every epoch (a full float32 batch of 8×160 positions would take 250 MB).
+    """
+    device = next(teacher.parameters()).device
+    logits = teacher(input_ids=batch["input_ids"].to(device),
+                     attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
+    return {**batch, "teacher_logits": logits[response_mask(batch).to(device)].to("cpu", dtype)}
+
+
+def _student_rows(model, batch: dict) -> torch.Tensor:
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch["input_ids"].to(device),
+                   attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
+    return logits[response_mask(batch).to(device)]
+
+
+def token_kd_loss(divergence: str = "forward_kl", teacher=None, temperature: float = 1.0,
+                  beta: float = 0.5, skew: float = 0.1, alpha: float = 0.5) -> Callable[[object, dict], torch.Tensor]:
+    """`loss_fn(model, batch)` for `train`: a divergence between student and teacher at the response
+    positions. The teacher's logits come from the batch (`with_teacher_logits`) or from `teacher`.
+    "hinton" mixes the label cross-entropy in (α = `alpha`, T = `temperature`)."""
+    if divergence != "hinton":
+        measure = divergence_fn(divergence, temperature, beta, skew)
+
+    def loss_fn(model, batch: dict) -> torch.Tensor:
+        student = _student_rows(model, batch)
+        if "teacher_logits" in batch:
+            target = batch["teacher_logits"].to(student.device)
+        elif teacher is not None:
+            target = with_teacher_logits(teacher, batch, dtype=torch.float32)["teacher_logits"].to(student.device)
+        else:
+            raise ValueError("the batch has no teacher_logits and no teacher was given: "
+                             "use with_teacher_logits(teacher, batch) or token_kd_loss(..., teacher=teacher)")
+        if divergence == "hinton":
+            labels = batch["labels"][:, 1:][response_mask(batch)].to(student.device)
+            return hinton_kd_loss(student, target, labels, temperature, alpha)
+        return measure(student, target)
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------- on-policy samples
+
+def _end_ids(model, tokenizer) -> list[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
+
+
+@torch.no_grad()
+def sample_on_policy(student, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
+                     temperature: float = 1.0, seed: int | None = None) -> dict:
+    """The student's own answers to `prompts` as a training batch (GKD's on-policy data).
+
+    Sampled token ids are kept as they are (no re-tokenization); everything after the first
+    end-of-turn is padding; labels mark the sampled tokens only (prompt and padding are −100).
+    """
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("prompts must be a non-empty list of strings")
+    if seed is not None:
+        torch.manual_seed(seed)
+    device = next(student.parameters()).device
+    tokenizer.padding_side = "left"
+    heads = tokenizer(chat_prompts(tokenizer, prompts), return_tensors="pt", padding=True,
+                      add_special_tokens=False).to(device)
+    was_training = student.training
+    student.eval()
+    try:
+        out = student.generate(**heads, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                               top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+    finally:
+        student.train(was_training)
+    width = heads["input_ids"].shape[1]
+    completion = out[:, width:]
+    ends = torch.isin(completion, torch.tensor(_end_ids(student, tokenizer), device=device)).int()
+    first_end = torch.where(ends.any(1), ends.argmax(1), completion.shape[1])
+    keep = torch.arange(completion.shape[1], device=device).unsqueeze(0) <= first_end.unsqueeze(1)
+    attention_mask = torch.cat([heads["attention_mask"], keep.long()], dim=1)
+    labels = out.clone()
+    labels[:, :width] = -100
+    labels[attention_mask == 0] = -100
+    return {"input_ids": out.cpu(), "attention_mask": attention_mask.cpu(), "labels": labels.cpu()}
+
+
+def on_policy_stream(student, teacher, tokenizer, prompts: Sequence[str], offline: Sequence[dict],
+                     lmbda: float = 0.5, batch_size: int = 8, max_new_tokens: int = 64,
+                     temperature: float = 1.0, seed: int = 0) -> Iterator[dict]:
+    """Batches for `train`: with probability λ the student's samples scored by the teacher (GKD),
+    otherwise the next teacher-written batch of `offline` (which carry `teacher_logits`)."""
+    if not 0.0 <= lmbda <= 1.0:
+        raise ValueError(f"lmbda must be in [0, 1], got {lmbda}")
+    if lmbda < 1 and not offline:
+        raise ValueError("offline batches are needed when lmbda < 1")
+    rng = random.Random(seed)
+    order = list(prompts)
+    step = 0
+    while True:
+        if rng.random() < lmbda:
+            chosen = rng.sample(order, min(batch_size, len(order)))
+            batch = sample_on_policy(student, tokenizer, chosen, max_new_tokens, temperature, seed=seed + step)
+            yield with_teacher_logits(teacher, batch)
+        else:
+            yield offline[step % len(offline)]
+        step += 1
+
+
+# ----------------------------------------------------------------------------- runs and measures
+
+def distill(student, method: str, batches: Sequence[dict], steps: int, lr: float = 1e-4,
+            teacher=None, tokenizer=None, prompts: Sequence[str] = (), lmbda: float = 0.5,
+            temperature: float = 1.0, beta: float = 0.5, max_new_tokens: int = 64, grad_accum: int = 1,
+            warmup_steps: int = 0, seed: int = 0, progress: bool = True) -> TrainResult:
+    """Train `student` in place by `method` (see METHODS) for `steps` steps with the shared loop.
+
+    "sft" learns the teacher's text (sequence-level KD, Kim & Rush 2016); the divergences learn the
+    teacher's logits carried by `batches`; "on_policy_jsd" mixes in the student's own samples for
+    `prompts`, scored by `teacher` (GKD).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    stream: Sequence[dict] | Iterator[dict] = batches
+    if method == "sft":
+        loss_fn = lm_loss
+    elif method == "on_policy_jsd":
+        if teacher is None or tokenizer is None or not prompts:
+            raise ValueError("on_policy_jsd needs teacher, tokenizer and prompts to sample from")
+        loss_fn = token_kd_loss("jsd", temperature=temperature, beta=beta)
+        stream = on_policy_stream(student, teacher, tokenizer, prompts, batches, lmbda, len(batches[0]["input_ids"]),
+                                  max_new_tokens, temperature, seed)
+    else:
+        loss_fn = token_kd_loss(method, teacher=teacher, temperature=temperature, beta=beta)
+    return train(student, loss_fn, stream, steps=steps, lr=lr, grad_accum=grad_accum, seed=seed,
+                 progress=progress, desc=method, warmup_steps=warmup_steps)
+
+
+@torch.no_grad()
+def response_metrics(model, batches: Sequence[dict]) -> dict[str, float]:
+    """Perplexity of the response tokens and how often the model's top-1 token is the teacher's.
+
+    `batches` carry `teacher_logits` (from `with_teacher_logits`); the teacher itself scores about
+    1.0 (float16 rounding can break a near tie).
+    """
+    total, count, agree = 0.0, 0, 0
+    for batch in batches:
+        rows = _student_rows(model, batch).float()
+        labels = batch["labels"][:, 1:][response_mask(batch)].to(rows.device)
+        total += F.cross_entropy(rows, labels, reduction="sum").item()
+        count += labels.numel()
+        agree += int((rows.argmax(-1) == batch["teacher_logits"].to(rows.device).argmax(-1)).sum())
+    return {"perplexity": math.exp(total / count), "top1_agreement": agree / count, "tokens": count}
+
+
+# ----------------------------------------------------------------------------- the student the capstone reuses
+
+def kd_data(teacher, tokenizer, train_examples: int, heldout_examples: int, batch_size: int,
+            max_length: int) -> tuple[list[dict], list[dict]]:
+    """Train and held-out batches of the shipped teacher-written set, each scored once by the teacher."""
+    batches = [kd_batches(tokenizer, teacher_dataset(split, n=n), batch_size, max_length)
+               for split, n in (("train", train_examples), ("heldout", heldout_examples))]
+    return tuple([with_teacher_logits(teacher, b) for b in part] for part in batches)
+
+
+def capstone_recipe(budget=None) -> dict:
+    """How the chapter-04 student that the capstone (chapter 07) reuses is made: `profile().distill`."""
+    b = budget if budget is not None else profile().distill
+    return {"n_layers": b.student_layers, "method": b.capstone_method, "warm_start_steps": b.warm_start_steps,
+            "steps": b.steps, "lr": b.lr,
+            "train_examples": b.train_examples, "batch_size": b.batch_size, "max_length": b.max_length,
+            "warmup_steps": b.warmup_steps, "temperature": b.temperature, "lmbda": b.lmbda,
+            "on_policy_new_tokens": b.on_policy_new_tokens, "seed": 0, "data_sha256": dataset_sha256(),
+            "version": STUDENT_VERSION}
+
+
+def student_path(recipe: dict) -> Path:
+    """The cache folder of the student made by `recipe` (its hash names it)."""
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "students" / f"ch04-{recipe['method']}-{recipe['n_layers']}layers-{key}"
+
+
+def save_student(model, recipe: dict, metrics: dict | None = None) -> Path:
+    """Cache a distilled student under its recipe (a temporary folder, then an atomic rename)."""
+    target = student_path(recipe)
+    if (target / "course_recipe.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".student-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "course_recipe.json").write_text(json.dumps({"recipe": recipe, "metrics": metrics or {}}, indent=1))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def warm_start(teacher, tokenizer, recipe: dict, train_batches: Sequence[dict], progress: bool = True):
+    """The student every chapter-04 method starts from: `make_student`, then `warm_start_steps` of
+    SFT on the teacher's text (MiniLLM and GKD, too, start from a fine-tuned student)."""
+    student = make_student(teacher, recipe["n_layers"])
+    if recipe["warm_start_steps"]:
+        distill(student, "sft", train_batches, steps=recipe["warm_start_steps"], lr=recipe["lr"],
+                warmup_steps=recipe["warmup_steps"], seed=recipe["seed"], progress=progress)
+    return student
+
+
+def run_recipe(teacher, tokenizer, recipe: dict, train_batches: Sequence[dict], start=None,
+               progress: bool = True):
+    """Distill a copy of `start` (default: a fresh `warm_start`) by the recipe's method for its steps,
+    on `train_batches` (teacher-scored) from where the warm start stopped. Returns (student,
+    TrainResult). Chapter 04 runs every method this way, the capstone its one."""
+    student = copy.deepcopy(start) if start is not None else warm_start(teacher, tokenizer, recipe, train_batches,
+                                                                        progress)
+    offset = recipe["warm_start_steps"] % len(train_batches)
+    prompts = [r["prompt"] for r in teacher_dataset("train", n=recipe["train_examples"])]
+    result = distill(student, recipe["method"], list(train_batches[offset:]) + list(train_batches[:offset]),
+                     steps=recipe["steps"], lr=recipe["lr"], teacher=teacher, tokenizer=tokenizer,
+                     prompts=prompts, lmbda=recipe["lmbda"], temperature=recipe["temperature"],
+                     max_new_tokens=recipe["on_policy_new_tokens"], warmup_steps=recipe["warmup_steps"],
+                     seed=recipe["seed"], progress=progress)
+    return student, result
+
+
+def distilled_student(teacher=None, tokenizer=None, recipe: dict | None = None, progress: bool = False):
+    """The chapter-04 student for the capstone (chapter 07): from the cache, or distilled now and cached.
+
+    Returns (model, info), info = {"recipe", "metrics" (held-out, measured when it was made),
+    "path", "built" (True when made by this call)}; the model is in eval mode on the teacher's device.
+    """
+    from transformers import AutoModelForCausalLM
+
+    recipe = recipe or capstone_recipe()
+    path = student_path(recipe)
+    if teacher is None or tokenizer is None:
+        teacher, tokenizer = load_teacher()
+    built = not (path / "course_recipe.json").is_file()
+    if built:
+        train_batches, heldout = kd_data(teacher, tokenizer, recipe["train_examples"],
+                                         profile().distill.heldout_examples, recipe["batch_size"],
+                                         recipe["max_length"])
+        student, _ = run_recipe(teacher, tokenizer, recipe, train_batches, progress=progress)
+        save_student(student, recipe, response_metrics(student, heldout))
+    saved = json.loads((path / "course_recipe.json").read_text())
+    param = next(teacher.parameters())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=param.dtype).to(param.device).eval()
+    model.generation_config = teacher.generation_config
+    return model, {**saved, "path": path, "built": built}
+
+
+def evaluate_student(model, tokenizer, heldout: Sequence[dict], human_texts: Sequence[str],
+                     max_length: int = 256, batch_size: int = 8) -> dict[str, float]:
+    """The chapters' yardsticks: perplexity and top-1 agreement with the teacher on held-out
+    teacher-written answers (`heldout` carry teacher logits), and perplexity on human-written text."""
+    scores = response_metrics(model, heldout)
+    return {"teacher_text_ppl": scores["perplexity"], "top1_agreement": scores["top1_agreement"],
+            "human_ppl": perplexity(model, tokenizer, human_texts, max_length, batch_size)}

@@ -1,0 +1,165 @@
+"""course_lib.train: the shared loop (loss goes down, LoRA, accumulation, 2 processes) and SFT labels."""
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from course_lib.train import add_lora, lm_loss, response_labels, sft_batch, train
+
+
+def tiny_llama(seed: int = 0):
+    """A 2-layer Llama with a 64-token vocabulary: the loop's mechanics without the cost."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config)
+
+
+def tiny_batches(n: int = 2, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 64, (4, 12), generator=g)
+        mask = torch.ones_like(ids)
+        out.append({"input_ids": ids, "attention_mask": mask,
+                    "labels": response_labels(ids, [3, 5, 2, 4], mask)})
+    return out
+
+
+def test_response_labels_mask_prompt_and_padding():
+    ids = torch.tensor([[5, 6, 7, 8, 0], [1, 2, 3, 4, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    labels = response_labels(ids, [2, 3], mask)
+    assert labels.tolist() == [[-100, -100, 7, 8, -100], [-100, -100, -100, 4, 9]]
+    with pytest.raises(ValueError, match="prompt lengths"):
+        response_labels(ids, [2], mask)
+
+
+def test_sft_batch_learns_only_the_response(teacher):
+    _, tok = teacher
+    prompts, responses = ["What is 2 plus 2?", "Name a colour."], ["2 plus 2 is 4.", "Blue."]
+    batch = sft_batch(tok, prompts, responses, max_length=96)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        learned = batch["input_ids"][row][batch["labels"][row] != -100]
+        assert tok.decode(learned) == response + tok.eos_token  # the reply and its end-of-turn, nothing else
+        kept = batch["input_ids"][row][batch["attention_mask"][row] == 1]
+        assert prompt in tok.decode(kept)
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_train_reduces_loss_on_a_tiny_batch():
+    model = tiny_llama()
+    before = lm_loss(model, tiny_batches(1)[0]).item()
+    result = train(model, lm_loss, tiny_batches(1), steps=40, lr=1e-2, progress=False)
+    assert result.steps == 40 and len(result.losses) == 40 and result.seconds > 0
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    assert lm_loss(model, tiny_batches(1)[0]).item() < 0.5 * before
+    assert not model.training
+
+
+def test_train_is_seeded():
+    runs = []
+    for _ in range(2):
+        model = tiny_llama()
+        runs.append(train(model, lm_loss, tiny_batches(2), steps=3, lr=1e-3, progress=False).losses)
+    assert runs[0] == runs[1]
+
+
+def test_grad_accum_averages_micro_batches():
+    """Two micro-batches accumulated = one step on the mean of their losses."""
+    batches = tiny_batches(2)
+    accumulated = tiny_llama()
+    train(accumulated, lm_loss, batches, steps=1, lr=1e-2, grad_accum=2, max_grad_norm=None, progress=False)
+    by_hand = tiny_llama()
+    optimizer = torch.optim.AdamW(by_hand.parameters(), lr=1e-2, weight_decay=0.0)
+    ((lm_loss(by_hand, batches[0]) + lm_loss(by_hand, batches[1])) / 2).backward()
+    optimizer.step()
+    for (name, a), b in zip(accumulated.state_dict().items(), by_hand.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_warmup_ramps_the_learning_rate():
+    """Adam's first update moves every weight by the learning rate itself: lr / (warmup + 1) here."""
+    before = tiny_llama()
+    for warmup in (0, 3):
+        model = tiny_llama()
+        train(model, lm_loss, tiny_batches(1), steps=1, lr=1e-2, warmup_steps=warmup, max_grad_norm=None,
+              progress=False)
+        step = (model.lm_head.weight - before.lm_head.weight).abs()
+        torch.testing.assert_close(step.max(), torch.tensor(1e-2 / (warmup + 1)), rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match="warmup"):
+        train(tiny_llama(), lm_loss, tiny_batches(1), steps=1, warmup_steps=-1, progress=False)
+
+
+def test_lora_trains_only_the_adapters():
+    model = add_lora(tiny_llama(), r=4, alpha=8, target_modules=("q_proj", "v_proj"))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    result = train(model, lm_loss, tiny_batches(1), steps=10, lr=1e-2, progress=False)
+    assert result.losses[-1] < result.losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_train_rejects_bad_arguments():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="steps"):
+        train(model, lm_loss, tiny_batches(1), steps=0, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        train(model, lm_loss, [], steps=1, progress=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="trainable"):
+        train(model, lm_loss, tiny_batches(1), steps=1, progress=False)
+
+
+WORKER = textwrap.dedent("""
+    import os, sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_train import tiny_llama, tiny_batches
+    from accelerate import PartialState
+    from course_lib.train import lm_loss, train
+
+    rank = int(os.environ["RANK"])
+    model = tiny_llama(seed=rank)  # different on purpose: DDP starts every replica from rank 0's
+    result = train(model, lm_loss, tiny_batches(2), steps=1, lr=1e-2, max_grad_norm=None, progress=False)
+    state = PartialState()
+    torch.save({{"state": model.state_dict(), "loss": result.losses[0], "rank": state.process_index,
+                 "world": state.num_processes, "backend": state.backend}}, {out!r} + f"/rank{{rank}}.pt")
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_keep_identical_replicas(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPUs: one step, each rank its own
+    micro-batch, gradients averaged over gloo; the loop's default accelerator must notice."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPUs even on a GPU machine
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(script)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [(r["rank"], r["world"], r["backend"]) for r in ranks] == [(0, 2, "gloo"), (1, 2, "gloo")]
+    assert ranks[0]["loss"] != ranks[1]["loss"]  # each rank saw its own batch
+    for name, tensor in ranks[0]["state"].items():
+        assert torch.equal(tensor, ranks[1]["state"][name]), f"replicas differ in {name}"
+    # and the step is the one a single process takes on both batches (DDP averages the gradients)
+    single = tiny_llama(seed=0)
+    train(single, lm_loss, tiny_batches(2), steps=1, lr=1e-2, grad_accum=2, max_grad_norm=None, progress=False)
+    for name, tensor in single.state_dict().items():
+        torch.testing.assert_close(ranks[0]["state"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(single.state_dict()["lm_head.weight"], tiny_llama(seed=0).state_dict()["lm_head.weight"])
