@@ -27,8 +27,8 @@ import torch
 from course_lib.evaluate import human_corpus
 from course_lib.int8_inference import (activation_absmax, interleaved_speed, prefill_timing, quantize_model,
                                        quantize_with_bitsandbytes, quantize_with_torchao, smooth_model,
-                                       stored_bytes, token_batch)
-from course_lib.models import load_teacher
+                                       token_batch)
+from course_lib.models import load_teacher, weight_bytes
 from course_lib.runtime import pick_device, seed_everything
 
 CALIBRATION_TEXTS = 16  # taken from the end of the corpus; the prompts come from its start
@@ -165,7 +165,7 @@ def run(args) -> list[dict]:
                      "decode_tok_s": ids.shape[0] * args.decode_steps / decode,
                      "prefill_speedup": timings[base]["prefill"].median / prefill,
                      "decode_speedup": timings[base]["decode"].median / decode,
-                     "stored_mib": stored_bytes(models[name]) / 2**20})
+                     "stored_mib": weight_bytes(models[name]) / 2**20})
     if args.memory:
         del models
         gc.collect()

@@ -349,11 +349,18 @@ def add_reference_logprobs(policy, batches: Sequence[dict[str, torch.Tensor]]) -
             batch["ref_logps"] = sequence_logprobs(policy, batch)
 
 
-def dpo_batch_loss(policy, batch: dict[str, torch.Tensor], beta: float = 0.1) -> torch.Tensor:
-    """The DPO loss of one batch from `preference_batches` (with its reference log-probs)."""
+def dpo_batch_loss(policy, batch: dict[str, torch.Tensor], beta: float = 0.1,
+                   nll_weight: float = 0.0) -> torch.Tensor:
+    """The DPO loss of one batch from `preference_batches` (with its reference log-probs), plus
+    `nll_weight` × the chosen responses' mean token NLL (RPO, Pang et al. 2024; TRL's `rpo_alpha`):
+    DPO alone can lower the chosen answers' likelihood too, as long as the rejected ones fall faster."""
     pi_chosen, pi_rejected = sequence_logprobs(policy, batch).chunk(2)
     ref_chosen, ref_rejected = batch["ref_logps"].to(pi_chosen.device).chunk(2)
-    return dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta)
+    loss = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta)
+    if nll_weight:
+        chosen_tokens = (batch["labels"][: len(pi_chosen)] != -100).sum().clamp_min(1)
+        loss = loss - nll_weight * pi_chosen.sum() / chosen_tokens.to(pi_chosen.device)
+    return loss
 
 
 def top_layer_lora_targets(model, n_layers: int) -> list[str]:
@@ -376,14 +383,15 @@ def top_layer_lora_targets(model, n_layers: int) -> list[str]:
 
 def train_dpo(policy, tokenizer, preferences: Sequence[Preference], steps: int, batch_size: int = 4,
               lr: float = 5e-4, beta: float = 0.1, max_length: int = 256, warmup_steps: int = 0,
-              seed: int = 0, progress: bool = True) -> TrainResult:
-    """DPO on a LoRA-wrapped policy; the reference is the same model with the adapters off."""
+              seed: int = 0, progress: bool = True, nll_weight: float = 0.0) -> TrainResult:
+    """DPO on a LoRA-wrapped policy; the reference is the same model with the adapters off.
+    `nll_weight` > 0 adds RPO's NLL term on the chosen answers (see `dpo_batch_loss`)."""
     if not hasattr(policy, "disable_adapter"):
         raise TypeError("policy must be a peft model (wrap it with course_lib.train.add_lora): "
                         "its adapters switched off are the frozen reference")
     batches = preference_batches(tokenizer, preferences, batch_size, max_length)
     add_reference_logprobs(policy, batches)
-    return train(policy, lambda m, b: dpo_batch_loss(m, b, beta), batches, steps, lr=lr, seed=seed,
+    return train(policy, lambda m, b: dpo_batch_loss(m, b, beta, nll_weight), batches, steps, lr=lr, seed=seed,
                  warmup_steps=warmup_steps, progress=progress, desc="DPO")
 
 

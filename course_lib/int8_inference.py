@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .evaluate import Timing, benchmark, token_nll
+from .models import weight_bytes
 from .quant import absmax_quantize, dequantize, int8_matmul, int8_vectorwise_quant
 
 MODES = ("w8a16", "w8a8", "w4a16")
@@ -175,32 +176,6 @@ class Int4Linear(nn.Module):
 
 # ----------------------------------------------------------------------------- the whole model
 
-def _plain_tensors(tensor: torch.Tensor):
-    """The plain tensors that hold a tensor's data: itself, or those inside a tensor subclass (as
-    torchao stores INT8 weights: qdata, scale, ...), which reports no storage of its own."""
-    if hasattr(tensor, "__tensor_flatten__"):
-        names, _ = tensor.__tensor_flatten__()
-        for name in names:
-            yield from _plain_tensors(getattr(tensor, name))
-    else:
-        yield tensor
-
-
-def stored_bytes(module: nn.Module) -> int:
-    """Bytes of everything `module` stores (its state dict: weights, INT8 data, scales), each shared
-    tensor counted once, looking inside tensor subclasses (`models.weight_bytes` cannot)."""
-    seen, total = set(), 0
-    for tensor in module.state_dict().values():
-        if not isinstance(tensor, torch.Tensor):
-            continue
-        for plain in _plain_tensors(tensor):
-            key = (plain.data_ptr(), plain.numel(), plain.dtype)
-            if key not in seen:
-                seen.add(key)
-                total += plain.numel() * plain.element_size()
-    return total
-
-
 @dataclass
 class QuantReport:
     """What `quantize_model` did: the layers it swapped and their bytes before and after."""
@@ -239,8 +214,8 @@ def quantize_model(model: nn.Module, mode: str = "w8a8", granularity: str = "cha
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, quantized)
         report.layers.append(name)
-        report.bytes_before += stored_bytes(linear)
-        report.bytes_after += stored_bytes(quantized)
+        report.bytes_before += weight_bytes(linear)
+        report.bytes_after += weight_bytes(quantized)
     return report
 
 

@@ -302,14 +302,29 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's stored weights (its state dict: parameters, INT8 weights, scales),
-    each shared (tied) tensor counted once."""
+    """Bytes of everything the model stores (its state dict: parameters, INT8 weights, scales),
+    each shared (tied) tensor counted once, looking inside tensor subclasses (torchao's)."""
     seen, total = set(), 0
     for tensor in model.state_dict().values():
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            total += tensor.numel() * tensor.element_size()
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        for plain in _plain_tensors(tensor):
+            key = (plain.data_ptr(), plain.numel(), plain.dtype)
+            if key not in seen:
+                seen.add(key)
+                total += plain.numel() * plain.element_size()
     return total
+
+
+def _plain_tensors(tensor: torch.Tensor):
+    """The plain tensors that hold a tensor's data: itself, or those inside a tensor subclass (as
+    torchao stores INT8 weights: qdata, scale, ...), which reports no storage of its own."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            yield from _plain_tensors(getattr(tensor, name))
+    else:
+        yield tensor
 
 
 def bytes_at_precision(n_parameters: int, bits: float) -> float:

@@ -13,8 +13,8 @@ import torch
 
 from .distill import response_metrics
 from .evaluate import perplexity
-from .int8_inference import decode_timing, prefill_timing, stored_bytes
-from .models import count_parameters
+from .int8_inference import decode_timing, prefill_timing
+from .models import count_parameters, weight_bytes
 from .self_improve import Question, answer_questions, score
 
 
@@ -42,7 +42,7 @@ def measure_stair(name: str, model, tokenizer, sticks: Yardsticks) -> dict:
     return {
         "stair": name,
         "parameters (M)": count_parameters(model) / 1e6,
-        "weights (MiB)": stored_bytes(model) / 2**20,
+        "weights (MiB)": weight_bytes(model) / 2**20,
         "prefill tokens/s": batch * length / prefill.median,
         "decode tokens/s": batch * sticks.decode_steps / decode.median,
         "human-text ppl": perplexity(model, tokenizer, sticks.human_texts, sticks.max_length),

@@ -8,8 +8,8 @@ from torch import nn
 
 from course_lib.feedback import (
     JudgeVerdicts, Preference, average_orders, RewardHead, WinRate, agreement, best_of_n, bradley_terry_loss,
-    direct_preference, dpo_loss, judge_pairs, judge_prompt, kl_to_reference,
-    labels_from_preference, preference_batches, reward_accuracy, rubric_labels, response_features,
+    direct_preference, dpo_batch_loss, dpo_loss, judge_pairs, judge_prompt, kl_to_reference,
+    labels_from_preference, preference_batches, response_logits, reward_accuracy, rubric_labels, response_features,
     sequence_logprobs, to_preferences, top_layer_lora_targets, train_dpo, train_reward_model, win_rate)
 from course_lib.preference_data import Pair, PreferencePrompt
 from course_lib.train import add_lora
@@ -253,6 +253,21 @@ def test_a_dpo_step_raises_the_chosen_log_ratio(tokenizer):
         train_dpo(copy.deepcopy(tiny_llama(tokenizer)), tokenizer, preferences, steps=1)
     with pytest.raises(ValueError, match="empty"):
         preference_batches(tokenizer, [])
+
+
+def test_rpo_adds_the_chosen_answers_mean_token_nll(tokenizer):
+    """nll_weight = RPO's alpha: DPO loss + alpha * mean NLL of the chosen tokens (TRL's rpo_alpha)."""
+    base = tiny_llama(tokenizer, layers=2)
+    preferences = [Preference(CAPITAL, "Paris.", "Lyon is the capital."), Preference(SUM, "7", "It is 8.")]
+    batch = preference_batches(tokenizer, preferences, batch_size=2)[0]
+    with torch.no_grad():
+        batch["ref_logps"] = sequence_logprobs(tiny_llama(tokenizer, layers=2, seed=1), batch)
+        dpo = dpo_batch_loss(base, batch, beta=0.2)
+        rpo = dpo_batch_loss(base, batch, beta=0.2, nll_weight=0.5)
+        logits, labels = response_logits(base, batch)
+    chosen_logits, chosen_labels = logits[:2], labels[:2]
+    nll = torch.nn.functional.cross_entropy(chosen_logits.flatten(0, 1), chosen_labels.flatten(), ignore_index=-100)
+    assert rpo.item() == pytest.approx(dpo.item() + 0.5 * nll.item(), abs=1e-5)
 
 
 def test_win_rate_counts_and_interval():
