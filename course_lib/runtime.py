@@ -46,7 +46,7 @@ _BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
         # chapter 05 (feedback): prompts, sampled responses, judge/scoring batch, reward model, DPO
         "feedback": {"train_prompts": 24, "eval_prompts": 16, "responses_per_prompt": 2, "best_of_n": 3,
                      "max_new_tokens": 32, "temperature": 0.7, "human_noise": 0.15, "batch_size": 8,
-                     "rm_steps": 100, "dpo_steps": 10, "dpo_batch_size": 4, "dpo_lr": 1e-3, "dpo_beta": 0.1, "dpo_nll_weight": 1.0,
+                     "rm_steps": 100, "dpo_steps": 10, "dpo_batch_size": 4, "dpo_lr": 5e-4, "dpo_beta": 0.1, "dpo_nll_weight": 1.0,
                      "lora_r": 8, "lora_layers": 4, "warmup_steps": 2},
     },
     "laptop": {
