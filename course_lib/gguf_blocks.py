@@ -151,7 +151,7 @@ class GGUFTensor:
 def _as_gguf_tensor(t, copy: bool) -> GGUFTensor:
     raw = t.data.reshape(-1).view(np.uint8)
     return GGUFTensor(t.name, t.tensor_type.name, tuple(int(n) for n in reversed(t.shape)),
-                      raw.copy() if copy else raw)
+                      np.array(raw) if copy else raw)  # np.array: a plain array owning its bytes
 
 
 class GGUFFile:
