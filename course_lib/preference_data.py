@@ -1,4 +1,5 @@
-"""Preference data with checkable quality, and the written rubric that grades it (chapter 05).
+"""Preference data with checkable quality, the written rubric that grades it, and the labels and
+win rates it gives (chapter 05).
 
 Four kinds of prompts whose answers a rule can check: one-digit sums, capitals, "answer in one
 word" and "use exactly three bullet points". For each prompt the model writes two (or more)
@@ -8,6 +9,10 @@ The rubric is what a careful human annotator would be told, applied in order (le
 1. an answer at all (a non-empty response), 2. correct (the sum, the capital), 3. follows the
 prompt's rule, 4. shorter (fewer words: these questions want short answers). Two responses equal
 on all four are a tie (identical responses always are): the annotator has no preference to give.
+
+Labels: +1 means the pair's `first` response is preferred, -1 the `second`, 0 a tie. The simulated
+human annotator (`rubric_labels`) is the rubric with a fraction of its verdicts flipped (human
+disagreement); the noise-free rubric, held out, judges the win rates of the trained policies.
 """
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ import random
 import re
 from dataclasses import dataclass
 from typing import Sequence
+
+from .evaluate import wilson_interval
+from .number_words import WORDS_PATTERN, as_number
 
 RULES = ("one_word", "three_bullets")
 CRITERIA = ("answered", "correct", "rule", "shorter")
@@ -42,10 +50,7 @@ CATEGORIES = [
     ("board game", "board games"), ("spice", "spices"), ("river", "rivers"),
 ]
 
-_NUMBER_WORDS = {w: i for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-    "sixteen seventeen eighteen nineteen twenty".split())}
-_NUMBER = re.compile(r"-?\d+|\b(?:" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d+|\b(?:" + WORDS_PATTERN + r")\b", re.IGNORECASE)
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S")
 
 
@@ -141,10 +146,7 @@ def words(response: str) -> list[str]:
 def last_number(response: str) -> int | None:
     """The last number in the response, digits or a word up to twenty; None when there is none."""
     found = _NUMBER.findall(response)
-    if not found:
-        return None
-    last = found[-1].lower()
-    return _NUMBER_WORDS[last] if last in _NUMBER_WORDS else int(last)
+    return as_number(found[-1]) if found else None
 
 
 def is_correct(prompt: PreferencePrompt, response: str) -> bool:
@@ -191,13 +193,92 @@ def deciding_criterion(pair: Pair) -> str:
 
 def sample_responses(model, tokenizer, prompts: Sequence[PreferencePrompt], n: int = 2,
                      max_new_tokens: int = 32, temperature: float = 0.7, batch_size: int = 32,
-                     seed: int = 0) -> list[list[str]]:
-    """`n` sampled responses per prompt (one batched `generate` call), grouped by prompt."""
-    from .models import generate
+                     seed: int = 0, top_k: int | None = None, top_p: float | None = None) -> list[list[str]]:
+    """`n` sampled responses per prompt (one batched `generate` call, at `temperature`, cut to
+    `top_k` / `top_p` only when given; seeded on a forked stream), grouped by prompt."""
+    from .models import sample_replies
 
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    texts = [p.text for p in prompts for _ in range(n)]
-    replies = generate(model, tokenizer, texts, max_new_tokens=max_new_tokens, do_sample=True,
-                       temperature=temperature, batch_size=batch_size, seed=seed)
-    return [replies[i:i + n] for i in range(0, len(replies), n)]
+    return sample_replies(model, tokenizer, [p.text for p in prompts], n, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size, seed=seed)
+
+
+# ----------------------------------------------------------------------------- labels
+
+def check_labels(pairs: Sequence[Pair], labels: Sequence[int]) -> None:
+    """One label per pair, each +1 (first), -1 (second) or 0 (tie); a ValueError saying what is wrong."""
+    if len(pairs) != len(labels):
+        raise ValueError(f"need one label per pair, got {len(labels)} labels for {len(pairs)} pairs")
+    if bad := [x for x in labels if x not in (-1, 0, 1)]:
+        raise ValueError(f"labels must be +1 (first), -1 (second) or 0 (tie), got {bad[:3]}")
+
+
+def rubric_labels(pairs: Sequence[Pair], noise: float = 0.0, seed: int = 0) -> list[int]:
+    """The simulated human: the rubric's verdicts, with round(noise · decided) of the decided pairs,
+    chosen at random (seeded), flipped to stand for annotators who disagree. Ties stay ties."""
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"noise must be a fraction in [0, 1], got {noise}")
+    labels = [rubric_preference(pair) for pair in pairs]
+    decided = [i for i, label in enumerate(labels) if label != 0]
+    for i in random.Random(seed).sample(decided, round(noise * len(decided))):
+        labels[i] = -labels[i]
+    return labels
+
+
+def agreement(labels: Sequence[int], reference: Sequence[int]) -> tuple[int, int]:
+    """(agreeing, compared): pairs where both label sources decided, and how many of them agree."""
+    if len(labels) != len(reference):
+        raise ValueError(f"need equally many labels, got {len(labels)} and {len(reference)}")
+    both = [(a, b) for a, b in zip(labels, reference) if a != 0 and b != 0]
+    return sum(a == b for a, b in both), len(both)
+
+
+# ----------------------------------------------------------------------------- win rates
+
+@dataclass(frozen=True)
+class WinRate:
+    """Rubric verdicts of candidate vs baseline on the same prompts: wins, losses, ties."""
+    wins: int
+    losses: int
+    ties: int
+
+    @property
+    def n(self) -> int:
+        return self.wins + self.losses + self.ties
+
+    @property
+    def rate(self) -> float:
+        """Wins among the decided prompts (ties left out); NaN when none was decided."""
+        decided = self.wins + self.losses
+        return self.wins / decided if decided else float("nan")
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """95% Wilson interval of `rate` ((0, 1) when nothing was decided)."""
+        decided = self.wins + self.losses
+        return wilson_interval(self.wins, decided) if decided else (0.0, 1.0)
+
+    def __str__(self) -> str:
+        low, high = self.interval
+        return (f"{self.rate:.0%} [{low:.0%}, {high:.0%}] ({self.wins} wins, {self.losses} losses, "
+                f"{self.ties} ties of {self.n})")
+
+
+def win_rate(prompts: Sequence[PreferencePrompt], candidate: Sequence[str], baseline: Sequence[str]) -> WinRate:
+    """How often the rubric (noise-free) prefers `candidate` over `baseline`, prompt by prompt."""
+    if not len(prompts) == len(candidate) == len(baseline) or not prompts:
+        raise ValueError(f"need one candidate and one baseline response per prompt (> 0), got "
+                         f"{len(prompts)} prompts, {len(candidate)} and {len(baseline)} responses")
+    verdicts = [rubric_preference(Pair(p, c, b)) for p, c, b in zip(prompts, candidate, baseline)]
+    return WinRate(verdicts.count(1), verdicts.count(-1), verdicts.count(0))
+
+
+def wins_by_criterion(prompts: Sequence[PreferencePrompt], candidate: Sequence[str],
+                      baseline: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """(wins, losses) of candidate vs baseline, split by the rubric line that decided each prompt."""
+    split: dict[str, list[int]] = {}
+    for p, c, b in zip(prompts, candidate, baseline):
+        pair = Pair(p, c, b)
+        verdict = rubric_preference(pair)
+        if verdict != 0:
+            split.setdefault(deciding_criterion(pair), [0, 0])[verdict == -1] += 1
+    return {line: (w, l) for line, (w, l) in split.items()}

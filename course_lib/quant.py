@@ -110,16 +110,32 @@ def zeropoint_quantize(x: torch.Tensor, bits: int = 8, dim: int | None = None,
     return q.clamp_(-half, half - 1).to(torch.int8), scale, zero_point.to(torch.int32)
 
 
+def _fitted(name: str, t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """`t` (a scale or zero point) expanded to q's grouping, or a ValueError saying why it does not fit."""
+    try:
+        expanded = expand_scale(t, q.shape)
+        fits = torch.broadcast_shapes(expanded.shape, q.shape) == q.shape
+    except (RuntimeError, ValueError):
+        fits = False
+    if not fits:
+        raise ValueError(f"{name} of shape {tuple(t.shape)} does not fit q of shape {tuple(q.shape)}: expected one "
+                         "value (per tensor), q's shape with 1 along the reduced dim (per channel) or q's shape "
+                         "with its last dim divided by group_size (per group), as the quantize function returned it")
+    return expanded
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> torch.Tensor:
     """x̂ = q · scale (absmax) or (q − zero_point) · scale (zero-point), as float32, for any granularity."""
     if not isinstance(q, torch.Tensor) or not isinstance(scale, torch.Tensor):
         raise TypeError(f"q and scale must be torch.Tensors, got {type(q).__name__} and {type(scale).__name__}")
+    if zero_point is not None and not isinstance(zero_point, torch.Tensor):
+        raise TypeError(f"zero_point must be None or a torch.Tensor, got {type(zero_point).__name__}")
     if q.is_floating_point() and not torch.equal(q, q.round()):
         raise ValueError("q must hold integers (the output of a quantize function)")
     values = q.float()
     if zero_point is not None:
-        values = values - expand_scale(zero_point, q.shape).float()
-    return values * expand_scale(scale.float(), q.shape)
+        values = values - _fitted("zero_point", zero_point, q).float()
+    return values * _fitted("scale", scale, q).float()
 
 
 def fake_quantize(x: torch.Tensor, bits: int = 8, dim: int | None = None, group_size: int | None = None,
@@ -131,8 +147,14 @@ def fake_quantize(x: torch.Tensor, bits: int = 8, dim: int | None = None, group_
 
 def relative_error(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """‖x − x̂‖ / ‖x‖ (Frobenius): the quantization noise relative to the signal."""
-    x, x_hat = _check_tensor(x).detach(), x_hat.detach().float()
-    return float(torch.linalg.vector_norm(x - x_hat) / torch.linalg.vector_norm(x))
+    x, x_hat = _check_tensor(x).detach(), _check_tensor(x_hat, "x_hat").detach()
+    if x.shape != x_hat.shape:
+        raise ValueError(f"x {tuple(x.shape)} and x_hat {tuple(x_hat.shape)} must have the same shape")
+    norm = torch.linalg.vector_norm(x)
+    if norm == 0:
+        raise ValueError("x is all zeros: the relative error ‖x − x̂‖ / ‖x‖ is undefined (compare "
+                         "‖x − x̂‖ itself, or use a reference that is not zero)")
+    return float(torch.linalg.vector_norm(x - x_hat) / norm)
 
 
 def clipping_error_split(x: torch.Tensor, clip: float, bits: int = 8) -> tuple[float, float]:
@@ -229,18 +251,9 @@ def llm_int8_matmul(x: torch.Tensor, weight: torch.Tensor, threshold: float = 6.
 
 
 # The INT8 layers and the GGUF blocks are modules of their own; `course_lib.quant` is the one door
-# to them (COURSE.md). Resolved on first use, so those modules can import the math above.
-_ELSEWHERE = {
-    "int8_inference": ("Int8Linear", "Int4Linear", "quantize_model", "QuantReport", "smooth_model",
-                       "activation_absmax", "pack_int4", "unpack_int4"),
-    "gguf_blocks": ("decode_gguf_blocks", "encode_gguf_blocks", "read_gguf_tensor", "GGUF_BLOCKS"),
-}
-
-
-def __getattr__(name: str):
-    import importlib
-
-    for module, names in _ELSEWHERE.items():
-        if name in names:
-            return getattr(importlib.import_module(f"{__package__}.{module}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# to them (COURSE.md). Imported last: int8_inference imports the math above from here, and the
+# package imports this module first (course_lib/__init__.py), so both orders of import work.
+from .gguf_blocks import (GGUF_BLOCKS, GGUFFile, decode_gguf_blocks, encode_gguf_blocks,  # noqa: E402,F401
+                          read_gguf_tensor)
+from .int8_inference import (Int4Linear, Int8Linear, QuantReport, activation_absmax, pack_int4,  # noqa: E402,F401
+                             quantize_model, smooth_model, unpack_int4)

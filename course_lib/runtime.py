@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 import random
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -163,13 +165,45 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-def seed_everything(seed: int = 0) -> None:
-    """Seed Python, NumPy and torch (all devices) so a profile gives the same numbers every run."""
-    if not isinstance(seed, int) or seed < 0:
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return seed
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python, NumPy and torch (all devices) so a profile gives the same numbers every run.
+
+    The notebook's own call, at its start: course_lib's functions never reseed the global streams
+    (they take a `seed` and run on a forked stream, see `seeded`)."""
+    _check_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Run a block on torch's random stream seeded with `seed`, then give the caller's stream back.
+
+    `torch.random.fork_rng` saves the CPU and CUDA generators and restores them afterwards, so a seeded
+    call gives the same result whatever the global seed, and the caller's own random numbers are the
+    same as if the call had not happened. `seed=None` runs on the caller's stream (and advances it).
+    Used by every seeded course_lib call: sampling, training, the grading checks.
+    """
+    if seed is None:
+        yield
+        return
+    _check_seed(seed)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def log(message: str) -> None:
+    """A progress note for the person at the notebook: "[course_lib] ..." on stderr."""
+    print(f"[course_lib] {message}", file=sys.stderr, flush=True)
 
 
 def cache_dir() -> Path:

@@ -19,7 +19,8 @@ from typing import Hashable, Sequence
 import torch
 
 from .evaluate import wilson_interval
-from .models import count_parameters, generate
+from .models import count_parameters, generate, sample_replies
+from .number_words import WORDS_PATTERN, as_number
 from .train import TrainResult, lm_loss, train
 
 # ----------------------------------------------------------------------------- the task
@@ -74,23 +75,12 @@ def split_questions(questions: Sequence[Question], n_train: int, n_heldout: int,
 
 # ----------------------------------------------------------------------------- reading the answer
 
-_WORDS = {w: i for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-    "sixteen seventeen eighteen nineteen twenty".split())}
-_NUMBER = r"-?\d+(?:\.\d+)?|" + "|".join(sorted(_WORDS, key=len, reverse=True))
+_NUMBER = r"-?\d+(?:\.\d+)?|" + WORDS_PATTERN
 # a number that does not start an expression ("2 + 1", "two plus six" are no answers; "3" in "= 3" is)
 _ANSWER = rf"(?P<n>{_NUMBER})\b(?!\s*[-+*/×x]\s*\(?\d|\s+(?:plus|minus|times)\b)"
 _MARKERS = r"=|\bis\b|\bequals\b|\bequal to\b|\bmakes\b|\bgives(?: us)?\b|\bwe get\b|\banswer:"
 _AFTER_MARKER = re.compile(rf"(?:{_MARKERS})[\s*:$]*{_ANSWER}", re.IGNORECASE)
 _LEADING = re.compile(rf"^[\s*$]*{_ANSWER}", re.IGNORECASE)
-
-
-def _as_number(text: str) -> int | float:
-    text = text.lower()
-    if text in _WORDS:
-        return _WORDS[text]
-    value = float(text)
-    return int(value) if value.is_integer() else value
 
 
 def extract_answer(reply: str) -> int | float | None:
@@ -101,7 +91,7 @@ def extract_answer(reply: str) -> int | float | None:
     with ("15"); else None. Number words up to twenty count ("is seven" -> 7).
     """
     match = _answer_match(reply)
-    return _as_number(match.group("n")) if match else None
+    return as_number(match.group("n")) if match else None
 
 
 def _answer_match(reply: str) -> re.Match | None:
@@ -164,12 +154,8 @@ def sample_answers(model, tokenizer, questions: Sequence[Question], k: int, temp
                    max_new_tokens: int = 24, batch_size: int = 32, seed: int = 0,
                    progress: bool = False) -> Samples:
     """k replies per question sampled at `temperature`, all questions batched together."""
-    if k < 1:
-        raise ValueError(f"k (samples per question) must be at least 1, got {k}")
-    prompts = [q.text for q in questions for _ in range(k)]
-    flat = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=True,
-                    temperature=temperature, batch_size=batch_size, seed=seed, progress=progress)
-    replies = [flat[i * k:(i + 1) * k] for i in range(len(questions))]
+    replies = sample_replies(model, tokenizer, [q.text for q in questions], k, max_new_tokens=max_new_tokens,
+                             temperature=temperature, batch_size=batch_size, seed=seed, progress=progress)
     return Samples(replies, [[extract_answer(r) for r in row] for row in replies])
 
 

@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Sequence
 from nbconvert import SlidesExporter
 from traitlets.config import Config
 
-from .runtime import cache_dir
+from .runtime import cache_dir, log
 
 
 @dataclass(frozen=True)
@@ -68,10 +67,6 @@ DECK_CSS = "<style>.reveal pre { white-space: pre-wrap; overflow-wrap: anywhere;
 
 class OfflineLibrariesUnavailable(RuntimeError):
     """A library the decks load can be neither found in the cache nor fetched with npm."""
-
-
-def _log(message: str) -> None:
-    print(f"[course_lib] {message}", file=sys.stderr, flush=True)
 
 
 def _sha1(path: Path) -> str:
@@ -153,9 +148,9 @@ def build_decks(notebooks: Sequence[Path], out_dir: Path, offline: bool = True) 
     if offline:
         try:
             settings = offline_settings(out_dir)
-            _log(f"the decks load their libraries from {out_dir / VENDOR_DIR}: no network needed")
+            log(f"the decks load their libraries from {out_dir / VENDOR_DIR}: no network needed")
         except OfflineLibrariesUnavailable as error:
-            _log(f"{error}.\nThe decks load reveal.js and MathJax from CDNs: they need the internet "
+            log(f"{error}.\nThe decks load reveal.js and MathJax from CDNs: they need the internet "
                  "while presenting. Install Node.js (npm) and run `make slides` again for offline decks.")
     return [build_deck(Path(notebook), out_dir, settings) for notebook in notebooks]
 

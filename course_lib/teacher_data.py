@@ -30,8 +30,11 @@ PROMPTS_FILE = "data/instruction_prompts.jsonl"
 RESPONSES_FILE = "data/teacher_responses.jsonl"
 SPLITS = ("train", "heldout")
 # How the shipped set was sampled: temperature sampling, because greedy answers of a 135M model
-# loop ("a fleeting moment of beauty, a fleeting moment of beauty, ..."); one seed per batch.
-SAMPLING = {"max_new_tokens": 128, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
+# loop ("a fleeting moment of beauty, a fleeting moment of beauty, ..."); one seed per batch. The
+# shipped file was written with top_k=50 in effect (transformers' default, applied because the call
+# did not say otherwise; its rows' `sampling` records do not name it): it is explicit here, so a
+# regeneration samples the same way and records it.
+SAMPLING = {"max_new_tokens": 128, "do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 0.9}
 SEED = 0
 BATCH_SIZE = 32
 
@@ -89,7 +92,7 @@ def weights_sha256(model) -> str:
 
 
 def generate_teacher_responses(model, tokenizer, rows: Sequence[dict], max_new_tokens: int = 128,
-                               temperature: float = 0.7, top_p: float = 0.9, seed: int = SEED,
+                               temperature: float = 0.7, top_k: int | None = 50, top_p: float = 0.9, seed: int = SEED,
                                batch_size: int = BATCH_SIZE, progress: bool = False) -> Iterable[dict]:
     """Yield each prompt row with the teacher's sampled `response` and its provenance, batch by batch.
 
@@ -101,14 +104,14 @@ def generate_teacher_responses(model, tokenizer, rows: Sequence[dict], max_new_t
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     provenance = {"teacher": TEACHER_NAME, "teacher_weights_sha256": weights_sha256(model),
                   "teacher_gguf_sha256": TEACHER_GGUF_SHA256,
-                  "sampling": {"max_new_tokens": max_new_tokens, "do_sample": True,
-                               "temperature": temperature, "top_p": top_p, "batch_size": batch_size},
+                  "sampling": {"max_new_tokens": max_new_tokens, "do_sample": True, "temperature": temperature,
+                               "top_k": top_k, "top_p": top_p, "batch_size": batch_size},
                   "date": datetime.date.today().isoformat()}
     starts = range(0, len(rows), batch_size)
     for batch_index, start in enumerate(tqdm(starts, desc="teacher writing", disable=not progress)):
         batch = list(rows[start:start + batch_size])
         replies = generate(model, tokenizer, [r["prompt"] for r in batch], max_new_tokens=max_new_tokens,
-                           do_sample=True, temperature=temperature, top_p=top_p, batch_size=batch_size,
+                           do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size,
                            seed=seed + batch_index)
         for row, reply in zip(batch, replies):
             n_tokens = len(tokenizer(reply, add_special_tokens=False).input_ids)
@@ -153,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise ValueError(f"{args.resume} does not hold the first prompts in order: cannot resume from it")
     new = generate_teacher_responses(model, tokenizer, rows[len(done):], seed=args.seed + len(done) // args.batch_size,
                                      batch_size=args.batch_size, progress=True,
-                                     **{k: SAMPLING[k] for k in ("max_new_tokens", "temperature", "top_p")})
+                                     **{k: SAMPLING[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p")})
     out = write_jsonl(itertools.chain(done, new), args.out)
     print(f"wrote {len(rows)} teacher-written rows to {out} ({len(done)} kept from {args.resume})")
 

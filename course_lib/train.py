@@ -2,31 +2,38 @@
 
 Built on accelerate's `Accelerator`, so the same loop runs on a CPU, one GPU, or several GPUs
 under `accelerate launch` (data-parallel: each process takes its own micro-batches, DDP averages
-the gradients). Anything trainable fits: `loss_fn(model, batch) -> scalar loss` says what to learn
-(SFT cross-entropy, a KD divergence, the DPO loss, ...).
+the gradients once per optimizer step). Anything trainable fits: `loss_fn(model, batch)` returns
+the MEAN loss of its batch (SFT cross-entropy, a KD divergence, the DPO loss, ...) and the loop
+weights each mean by what it averaged over (`label_tokens`, or `examples` for per-example losses),
+so accumulation and more processes give the gradient of one big batch. On a CUDA GPU the forward
+passes run in bfloat16 autocast with TF32 matmuls; a CPU trains in float32.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .models import chat_prompts
-from .runtime import seed_everything
+from .runtime import seeded
+from .scoring import response_logits, response_mask
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
 class TrainResult:
-    """What a run did: the loss after each optimizer step, wall time, steps taken."""
+    """What a run did: the loss of each optimizer step (the weighted mean over this process's
+    micro-batches), wall time, steps taken, and the gradient norm of each step before clipping."""
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     steps: int = 0
+    grad_norms: list[float] = field(default_factory=list)
 
 
 def add_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0,
@@ -63,26 +70,80 @@ def _batch_stream(batches, rank: int, world: int):
         yield from batches
 
 
+def process_rank() -> tuple[int, int]:
+    """(this process's rank, the number of processes) as `accelerate launch` and torchrun set them
+    (RANK, WORLD_SIZE); (0, 1) in a notebook. Streams that make their own batches (on-policy
+    samples) use it to give each process its own data."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def default_accelerator():
     """`Accelerator()`, except that several processes without CUDA (e.g. `accelerate launch
     --multi_gpu --num_processes 2` or `torchrun` on a CPU machine) get CPU data-parallel over gloo,
     where accelerate would otherwise run each process alone without saying so."""
     from accelerate import Accelerator
 
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    several = process_rank()[1] > 1
     return Accelerator(cpu=several and not torch.cuda.is_available())
+
+
+def label_tokens(batch: dict) -> int:
+    """How many tokens a language-model loss averages over: the batch's next-token labels
+    (labels[:, 1:] != -100), the weight `train` gives its mean."""
+    return int(response_mask(batch).sum())
+
+
+def examples(batch) -> int:
+    """How many examples a per-example loss averages over (DPO's pairs, a reward model's pairs):
+    the rows of the batch's first tensor."""
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return len(first)
+
+
+def _default_weight(batch) -> int:
+    return label_tokens(batch) if isinstance(batch, dict) and "labels" in batch else examples(batch)
+
+
+def autocast_for(device: torch.device):
+    """bfloat16 autocast for a forward pass on a CUDA GPU that has it; on anything else nothing
+    (a CPU trains in float32)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def tf32_matmuls(device: torch.device) -> Iterator[None]:
+    """TF32 float32 matmuls (`torch.set_float32_matmul_precision("high")`) while training on a CUDA
+    device, the caller's setting restored afterwards; elsewhere nothing changes."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 def train(model, loss_fn: Callable, batches: Sequence | Iterable, steps: int, lr: float = 1e-4,
           grad_accum: int = 1, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
           seed: int = 0, progress: bool = True, desc: str = "training", accelerator=None,
-          warmup_steps: int = 0) -> TrainResult:
+          warmup_steps: int = 0, weight_fn: Callable | None = None) -> TrainResult:
     """Minimize `loss_fn(model, batch)` for `steps` optimizer steps of `grad_accum` micro-batches.
 
+    `loss_fn` returns the mean loss of its batch and `weight_fn(batch)` how many units that mean
+    averaged (default: `label_tokens` when the batch has labels, else `examples`). A step weights
+    micro-batch i by w_i / Σw, the sum over all micro-batches of the step on every process: its
+    gradient is the gradient of the mean over all those units — one big batch — rather than a mean
+    of per-batch means, which would overweight short batches. Under several processes the gradients
+    are all-reduced once per step (`no_sync` on the other micro-batches).
     `batches` is a list (cycled) or an iterator (e.g. on-policy samples drawn as training goes).
     Only parameters with requires_grad train (LoRA: the adapters). `warmup_steps` ramps the
-    learning rate linearly up to `lr` (short runs from a broken start diverge less). Trains `model`
-    in place and leaves it in eval mode.
+    learning rate linearly up to `lr` (short runs from a broken start diverge less). Seeded on a
+    forked random stream (the caller's is left as it was); trains `model` in place and leaves it in
+    eval mode.
     """
     from tqdm.auto import tqdm
 
@@ -90,32 +151,47 @@ def train(model, loss_fn: Callable, batches: Sequence | Iterable, steps: int, lr
         raise ValueError(f"steps and grad_accum must be at least 1, got {steps} and {grad_accum}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    seed_everything(seed)
     accelerator = accelerator or default_accelerator()
+    if accelerator.gradient_accumulation_steps != 1:
+        raise ValueError("give accumulation to train(grad_accum=...), not to the Accelerator "
+                         f"(it has gradient_accumulation_steps={accelerator.gradient_accumulation_steps})")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (all requires_grad=False)")
+    weight_fn = weight_fn or _default_weight
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup_steps + 1)))
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     wrapped.train()
+    device = accelerator.device
     stream = _batch_stream(batches, accelerator.process_index, accelerator.num_processes)
     result = TrainResult()
     start = time.perf_counter()
     bar = tqdm(range(steps), desc=desc, disable=not progress or not accelerator.is_main_process)
-    for _ in bar:
-        total = 0.0
-        for _ in range(grad_accum):
-            loss = loss_fn(wrapped, next(stream)) / grad_accum
-            accelerator.backward(loss)
-            total += loss.item()
-        if max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        result.losses.append(total)
-        bar.set_postfix(loss=f"{total:.4f}")
+    with seeded(seed), tf32_matmuls(device):
+        for _ in bar:
+            micro = [next(stream) for _ in range(grad_accum)]
+            weights = [float(weight_fn(b)) for b in micro]
+            total = float(accelerator.reduce(torch.tensor(sum(weights), device=device), "sum"))
+            if not total > 0:
+                raise ValueError("the step's batches hold nothing to average over (weight_fn gave 0 for "
+                                 "every micro-batch): no label tokens?")
+            loss_sum = 0.0
+            for i, (batch, weight) in enumerate(zip(micro, weights)):
+                last = i == len(micro) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
+                    with autocast_for(device):
+                        loss = loss_fn(wrapped, batch)
+                    # DDP averages over processes, so each scales by processes / total weight
+                    accelerator.backward(loss * (weight * accelerator.num_processes / total))
+                loss_sum += loss.item() * weight
+            norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(loss_sum / sum(weights) if sum(weights) else float("nan"))
+            result.grad_norms.append(float(norm))
+            bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
     result.seconds = time.perf_counter() - start
     result.steps = steps
     model.eval()
@@ -139,16 +215,24 @@ def response_labels(input_ids: torch.Tensor, prompt_lengths: Sequence[int],
 
 def sft_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int = 256,
               system: str | None = None) -> dict[str, torch.Tensor]:
-    """A right-padded chat batch whose labels are the response tokens only (plus the end-of-turn)."""
+    """A right-padded chat batch whose labels are the response tokens only (plus the end-of-turn).
+
+    A row longer than `max_length` is cut there: its response is learned as far as it goes, without
+    the end-of-turn (the model is not taught to stop mid-answer). A prompt that leaves no room for
+    any response token is an error: that row would have nothing to learn.
+    """
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"need equally many prompts and responses (> 0), got {len(prompts)} and {len(responses)}")
     heads = chat_prompts(tokenizer, prompts, system)
     ids, prompt_lengths = [], []
-    for head, response in zip(heads, responses):
+    for row, (head, response) in enumerate(zip(heads, responses)):
         head_ids = tokenizer(head, add_special_tokens=False).input_ids
+        if len(head_ids) >= max_length:
+            raise ValueError(f"prompt {row} takes {len(head_ids)} tokens in the chat template, so max_length="
+                             f"{max_length} leaves no room for its response: raise max_length (or shorten the prompt)")
         tail_ids = tokenizer(response + tokenizer.eos_token, add_special_tokens=False).input_ids
         ids.append((head_ids + tail_ids)[:max_length])
-        prompt_lengths.append(min(len(head_ids), max_length))
+        prompt_lengths.append(len(head_ids))
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -159,10 +243,19 @@ def sft_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_l
             "labels": response_labels(input_ids, prompt_lengths, attention_mask)}
 
 
+def sft_batches(tokenizer, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8,
+                max_length: int = 256) -> list[dict[str, torch.Tensor]]:
+    """The (prompt, response) pairs as `sft_batch`es of `batch_size` pairs each, in order."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError(f"need one response per prompt (> 0), got {len(responses)} for {len(prompts)}")
+    return [sft_batch(tokenizer, prompts[i:i + batch_size], responses[i:i + batch_size], max_length)
+            for i in range(0, len(prompts), batch_size)]
+
+
 def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the tokens whose label is not -100."""
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                           ignore_index=-100)
+    """Mean next-token cross-entropy over the tokens whose label is not -100 (its weight in `train`:
+    `label_tokens`). A batch without any label token is an error, not a NaN."""
+    logits, targets = response_logits(model, batch)
+    return F.cross_entropy(logits, targets)

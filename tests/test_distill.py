@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from course_lib import distill
 from course_lib.models import chat_prompts
+from course_lib.runtime import seeded
 
 
 def _logits(*shape, seed=0, scale=3.0):
@@ -186,25 +187,52 @@ def test_on_policy_sampler_returns_student_text_scored_by_the_teacher(teacher):
     prompts = ["Name a colour.", "Write one word about the sea."]
     batch = distill.sample_on_policy(student, tok, prompts, max_new_tokens=12, temperature=1.0, seed=3)
     # the sampled ids are the student's: the same seed gives the same continuation straight from generate
-    tok.padding_side = "left"
-    heads = tok(chat_prompts(tok, prompts), return_tensors="pt", padding=True, add_special_tokens=False)
-    torch.manual_seed(3)
-    again = student.generate(**heads, max_new_tokens=12, do_sample=True, temperature=1.0, top_p=None,
-                             top_k=None, pad_token_id=tok.pad_token_id)
+    heads = tok(chat_prompts(tok, prompts), return_tensors="pt", padding=True, padding_side="left",
+                add_special_tokens=False)
+    with seeded(3):
+        again = student.generate(**heads, max_new_tokens=12, do_sample=True, temperature=1.0, top_p=None,
+                                 top_k=None, pad_token_id=tok.pad_token_id)
     width = heads["input_ids"].shape[1]
-    assert torch.equal(batch["input_ids"][:, :width], heads["input_ids"])
-    learned = batch["labels"] != -100
-    assert not learned[:, :width].any() and learned[:, width:].any()
-    kept = batch["attention_mask"][:, width:].bool()
-    assert torch.equal(batch["input_ids"][:, width:][kept], again[:, width:][kept])
-    for row in range(len(prompts)):  # nothing after the first end-of-turn is learned
-        ends = (batch["input_ids"][row, width:] == tok.eos_token_id).nonzero()
-        if len(ends):
-            assert not learned[row, width + int(ends[0]) + 1:].any()
+    mask = batch["attention_mask"]
+    assert (mask[:, 1:] <= mask[:, :-1]).all()  # right-padded, as the course scores batches
+    for row in range(len(prompts)):
+        prompt = heads["input_ids"][row][heads["attention_mask"][row] == 1]
+        real = batch["input_ids"][row][mask[row] == 1]
+        n = len(prompt)
+        assert torch.equal(real[:n], prompt) and len(real) > n
+        assert torch.equal(real[n:], again[row, width:width + len(real) - n])
+        learned = batch["labels"][row] != -100
+        assert not learned[:n].any() and learned[n:len(real)].all() and not learned[len(real):].any()
+        ends = (real[n:] == tok.eos_token_id).nonzero()
+        if len(ends):  # nothing after the first end-of-turn is kept
+            assert len(real) == n + int(ends[0]) + 1
     scored = distill.with_teacher_logits(model, batch, dtype=torch.float32)
     with torch.no_grad():
         direct = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     torch.testing.assert_close(scored["teacher_logits"], direct[distill.response_mask(batch)])
+
+
+def test_on_policy_stream_gives_each_process_its_own_data(teacher):
+    """Under several processes each rank samples its own prompts with its own seed and takes its
+    own share of the offline batches; one process gets the stream it always had."""
+    _, tok = teacher
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with seeded(0):
+        student = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                               pad_token_id=tok.pad_token_id)).eval()
+    teacher_stub = student  # scoring is not what is tested here
+    prompts = [f"Name a number bigger than {i}." for i in range(12)]
+    draw = lambda rank, world: next(distill.on_policy_stream(student, teacher_stub, tok, prompts, [], lmbda=1.0,
+                                                             batch_size=2, max_new_tokens=4, rank=rank, world=world))
+    first, second, alone = draw(0, 2), draw(1, 2), draw(0, 1)
+    assert not torch.equal(first["input_ids"], second["input_ids"])
+    assert torch.equal(first["input_ids"], alone["input_ids"])  # rank 0 keeps the single-process stream
+    offline = [{"id": i} for i in range(5)]
+    take = lambda rank: [b["id"] for b, _ in zip(distill.on_policy_stream(student, student, tok, prompts, offline,
+                                                                          lmbda=0.0, rank=rank, world=2), range(4))]
+    assert take(0) == [0, 2, 4, 1] and take(1) == [1, 3, 0, 2]
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 
 from course_lib import teacher_data
+from course_lib.models import generate
 from course_lib.teacher_data import (SAMPLING, instruction_prompts, interleave_categories, teacher_dataset,
                                      write_jsonl)
 
@@ -29,7 +30,8 @@ def test_shipped_set_answers_every_prompt_with_provenance():
     for row in rows:
         assert row["prompt"] == prompts[row["id"]]["prompt"] and row["split"] == prompts[row["id"]]["split"]
         assert row["response"].strip()
-        assert row["sampling"] == {**SAMPLING, "batch_size": teacher_data.BATCH_SIZE}
+        # the shipped rows predate an explicit top_k: 50 was in effect (transformers' default, see below)
+        assert {**row["sampling"], "top_k": 50} == {**SAMPLING, "batch_size": teacher_data.BATCH_SIZE}
         assert len(row["teacher_weights_sha256"]) == 64 and row["date"]
     assert len({r["teacher_weights_sha256"] for r in rows}) == 1
     train, heldout = teacher_dataset("train"), teacher_dataset("heldout")
@@ -41,6 +43,23 @@ def test_shipped_set_answers_every_prompt_with_provenance():
 def test_shipped_set_was_written_by_this_teacher(teacher):
     model, _ = teacher
     assert teacher_dataset("train", n=1)[0]["teacher_weights_sha256"] == teacher_data.weights_sha256(model)
+
+
+@pytest.mark.slow
+def test_shipped_set_was_sampled_with_top_k_50(teacher):
+    """Batch 0 sampled again (seed 0, its 32 prompts, 12 tokens): with top_k=50 every answer starts as
+    the shipped one does; without the cut, some do not. So the file's provenance says top_k 50."""
+    model, tok = teacher
+    rows = instruction_prompts()[:teacher_data.BATCH_SIZE]
+    shipped = {r["id"]: r["response"] for r in teacher_dataset(split=None)}
+
+    def reproduced(top_k):
+        replies = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=12, do_sample=True,
+                           temperature=SAMPLING["temperature"], top_k=top_k, top_p=SAMPLING["top_p"],
+                           batch_size=len(rows), seed=teacher_data.SEED)
+        return sum(shipped[r["id"]].startswith(reply) for r, reply in zip(rows, replies))
+
+    assert reproduced(50) == len(rows) > reproduced(None)
 
 
 def test_first_rows_cover_every_kind():
@@ -63,6 +82,7 @@ def test_generation_is_seeded_and_recorded(teacher, tmp_path):
     assert [r["response"] for r in first] == [r["response"] for r in again]
     assert [r["seed"] for r in first] == [5, 5, 6]  # one seed per batch
     assert first[0]["sampling"]["max_new_tokens"] == 6 and first[0]["teacher_weights_sha256"]
+    assert first[0]["sampling"]["top_k"] == SAMPLING["top_k"] == 50  # every setting recorded
     path = write_jsonl(first, tmp_path / "out.jsonl")
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == [p["id"] for p in prompts]
     assert teacher_dataset("train", path=path)[0]["response"] == first[0]["response"]

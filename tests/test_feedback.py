@@ -1,4 +1,5 @@
-"""Chapter 05's feedback machinery: losses against their formulas (and TRL), the judge, DPO, win rates."""
+"""Chapter 05's feedback machinery: losses against their formulas (and TRL), the judge, the reward model,
+DPO, win rates (course_lib.preference_data, judge, reward_model, dpo; course_lib.feedback is their door)."""
 import copy
 import math
 
@@ -6,12 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from course_lib.feedback import (
-    JudgeVerdicts, Preference, average_orders, RewardHead, WinRate, agreement, best_of_n, bradley_terry_loss,
-    direct_preference, dpo_batch_loss, dpo_loss, judge_pairs, judge_prompt, kl_to_reference,
-    labels_from_preference, preference_batches, response_logits, reward_accuracy, rubric_labels, response_features,
-    sequence_logprobs, to_preferences, top_layer_lora_targets, train_dpo, train_reward_model, win_rate)
-from course_lib.preference_data import Pair, PreferencePrompt
+from course_lib import feedback
+from course_lib.dpo import (Preference, dpo_batch_loss, dpo_loss, kl_to_reference, preference_batches, to_preferences,
+                            train_dpo)
+from course_lib.judge import (JudgeVerdicts, average_orders, direct_preference, direct_scores, judge_pairs,
+                              judge_prompt, labels_from_preference)
+from course_lib.preference_data import Pair, PreferencePrompt, WinRate, agreement, rubric_labels, win_rate
+from course_lib.reward_model import (RewardHead, best_of_n, bradley_terry_loss, response_features, reward_accuracy,
+                                     train_reward_model)
+from course_lib.scoring import response_logits, sequence_logprobs
 from course_lib.train import add_lora
 
 CAPITAL = PreferencePrompt("What is the capital of France?", "capital", "Paris")
@@ -39,6 +43,11 @@ def tiny_llama(tokenizer, seed=0, layers=2):
 
 
 # ----------------------------------------------------------------------------- losses
+
+def test_the_chapter_door_names_the_contracts_functions():
+    assert feedback.bradley_terry_loss is bradley_terry_loss and feedback.dpo_loss is dpo_loss
+    assert feedback.win_rate is win_rate
+
 
 def test_bradley_terry_loss_is_the_formula():
     torch.manual_seed(0)
@@ -145,9 +154,9 @@ class _FixedNextToken(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1))  # so that the judge has a device
         self.register_buffer("log_probs", probs.log())
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=0):
         class Out:
-            logits = self.log_probs.expand(*input_ids.shape, -1)
+            logits = self.log_probs.expand(*input_ids.shape, -1)[:, -logits_to_keep:]
         return Out()
 
 
@@ -180,6 +189,23 @@ def test_a_judge_that_answers_neither_letter_is_counted_as_abstaining(tokenizer)
     assert torch.allclose(verdicts.p_a, torch.tensor(0.75))  # still read, normalized
     with pytest.raises(ValueError, match="empty"):
         judge_pairs(judge, tokenizer, [])
+
+
+def test_the_judge_reads_letters_far_below_every_other_token(tokenizer):
+    """Probabilities of 1e-300 underflow to 0 in float32 (0/0 = NaN before); logits do not."""
+    logits = torch.zeros(len(tokenizer))
+    a, b = (tokenizer(t, add_special_tokens=False).input_ids[0] for t in (" A", " B"))
+    logits[a], logits[b] = -800.0, -801.0
+    judge = _FixedNextToken(torch.ones(len(tokenizer)))
+    judge.log_probs.copy_(logits)
+    verdicts = judge_pairs(judge, tokenizer, [Pair(SUM, "7", "8")])
+    assert torch.allclose(verdicts.p_a, torch.sigmoid(torch.tensor(1.0)))
+    assert verdicts.abstained == 2 and verdicts.letter_mass == 0.0
+    assert verdicts.p_first.item() == pytest.approx(0.5)  # a judge that always says A: no preference
+    yes, no = (tokenizer(t, add_special_tokens=False).input_ids[0] for t in ("Yes", "No"))
+    logits[yes], logits[no] = -900.0, -903.0
+    judge.log_probs.copy_(logits)
+    assert torch.allclose(direct_scores(judge, tokenizer, [SUM], ["7"]), torch.sigmoid(torch.tensor(3.0)))
 
 
 def test_the_real_judge_averages_both_orders(teacher):
@@ -229,8 +255,9 @@ def test_best_of_n_takes_the_highest_reward():
 
 def test_a_dpo_step_raises_the_chosen_log_ratio(tokenizer):
     base = tiny_llama(tokenizer, layers=3)
-    policy = add_lora(base, r=4, alpha=8, target_modules=top_layer_lora_targets(base, 2))
-    assert all(".layers.0." not in n for n in top_layer_lora_targets(base, 2))
+    policy = add_lora(base, r=4, alpha=8, layers=[1, 2])  # the top two layers only
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, p in policy.named_parameters() if p.requires_grad}
+    assert adapted == {"1", "2"}
     preferences = [Preference(CAPITAL, "Paris.", "Lyon is the capital."),
                    Preference(SUM, "7", "It is 8.")]
     batch = preference_batches(tokenizer, preferences, batch_size=2)[0]
@@ -264,9 +291,9 @@ def test_rpo_adds_the_chosen_answers_mean_token_nll(tokenizer):
         batch["ref_logps"] = sequence_logprobs(tiny_llama(tokenizer, layers=2, seed=1), batch)
         dpo = dpo_batch_loss(base, batch, beta=0.2)
         rpo = dpo_batch_loss(base, batch, beta=0.2, nll_weight=0.5)
-        logits, labels = response_logits(base, batch)
-    chosen_logits, chosen_labels = logits[:2], labels[:2]
-    nll = torch.nn.functional.cross_entropy(chosen_logits.flatten(0, 1), chosen_labels.flatten(), ignore_index=-100)
+        chosen = {k: v[:2] for k, v in batch.items() if k != "ref_logps"}
+        logits, targets = response_logits(base, chosen)
+    nll = torch.nn.functional.cross_entropy(logits, targets)
     assert rpo.item() == pytest.approx(dpo.item() + 0.5 * nll.item(), abs=1e-5)
 
 

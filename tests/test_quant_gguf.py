@@ -1,4 +1,6 @@
 """course_lib.gguf_blocks: bit-exact against the gguf package, and the real blocks of the teacher."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -111,3 +113,27 @@ def test_reencoding_the_teachers_weights_gives_back_the_files_blocks(shipped):
         tensor = shipped[name]
         again = encode_gguf_blocks(decode_tensor(tensor), tensor.qtype)
         assert np.array_equal(again.numpy(), tensor.raw)
+
+
+def _maps(path) -> int:
+    """How many memory maps of the file this process holds (Linux: /proc/self/maps)."""
+    with open("/proc/self/maps") as maps:
+        return sum(str(path) in line for line in maps)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")
+def test_reading_one_tensor_parses_once_and_leaves_no_map_open():
+    from course_lib.gguf_blocks import GGUFFile, read_gguf_tensor
+    from course_lib.models import teacher_gguf_path
+
+    path = teacher_gguf_path()
+    before = _maps(path)  # other tests may hold maps of their own (read_gguf_tensors' views)
+    one = read_gguf_tensor(path, "output_norm.weight")
+    assert type(one.raw) is np.ndarray and one.raw.flags.owndata  # a copy ...
+    assert _maps(path) == before  # ... and the file's map is gone
+    with GGUFFile(path) as gguf_file:
+        assert _maps(path) > before and len(gguf_file.names) == 272
+        tensors = [gguf_file.tensor(name) for name in gguf_file.names[:3]]
+    assert _maps(path) == before
+    assert np.array_equal(tensors[0].raw, read_gguf_tensors(path)[tensors[0].name].raw)
+    assert np.array_equal(one.raw, read_gguf_tensors(path)["output_norm.weight"].raw)

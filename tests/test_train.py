@@ -1,4 +1,5 @@
-"""course_lib.train: the shared loop (loss goes down, LoRA, accumulation, 2 processes) and SFT labels."""
+"""course_lib.train: the shared loop (loss goes down, LoRA, token-weighted accumulation, 2 processes with
+accumulation and their own data, GPU precision settings restored) and SFT labels."""
 import os
 import socket
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from course_lib.train import add_lora, lm_loss, response_labels, sft_batch, train
+from course_lib.train import add_lora, label_tokens, lm_loss, response_labels, sft_batch, tf32_matmuls, train
 
 
 def tiny_llama(seed: int = 0):
@@ -31,6 +32,39 @@ def tiny_batches(n: int = 2, seed: int = 1):
         out.append({"input_ids": ids, "attention_mask": mask,
                     "labels": response_labels(ids, [3, 5, 2, 4], mask)})
     return out
+
+
+def uneven_batches():
+    """Four batches whose label-token counts differ a lot (8, 44, 32, 14): the weighting shows."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for prompts in ([10, 10, 10, 10], [1, 1, 1, 1], [2, 5, 8, 1], [9, 8, 9, 8]):
+        ids = torch.randint(0, 64, (4, 12), generator=g)
+        mask = torch.ones_like(ids)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": response_labels(ids, prompts, mask)})
+    return out
+
+
+def sgd_step_by_hand(model, batches, lr):
+    """One SGD step on the mean next-token loss over ALL label tokens of `batches` (one big batch)."""
+    total, count = 0.0, 0
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        total = total + torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                          ignore_index=-100, reduction="sum")
+        count += label_tokens(batch)
+    (total / count).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= lr * p.grad
+            p.grad = None
+
+
+@pytest.fixture
+def plain_sgd(monkeypatch):
+    """The loop's AdamW swapped for plain SGD: a step is then lr × the gradient itself, so comparing
+    weights compares whole gradients (Adam's first step only shows their signs)."""
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
 
 
 def test_response_labels_mask_prompt_and_padding():
@@ -72,17 +106,35 @@ def test_train_is_seeded():
     assert runs[0] == runs[1]
 
 
-def test_grad_accum_averages_micro_batches():
-    """Two micro-batches accumulated = one step on the mean of their losses."""
-    batches = tiny_batches(2)
+def test_grad_accum_weights_micro_batches_by_label_tokens(plain_sgd):
+    """Four uneven micro-batches accumulated = one step on the mean over all their label tokens,
+    not the mean of the four per-batch means (which would give a token of the 8-token batch 5.5 times
+    the weight of a token of the 44-token batch)."""
+    batches = uneven_batches()
+    assert [label_tokens(b) for b in batches] == [8, 44, 32, 14]
     accumulated = tiny_llama()
-    train(accumulated, lm_loss, batches, steps=1, lr=1e-2, grad_accum=2, max_grad_norm=None, progress=False)
+    result = train(accumulated, lm_loss, batches, steps=1, lr=0.5, grad_accum=4, max_grad_norm=None, progress=False)
     by_hand = tiny_llama()
-    optimizer = torch.optim.AdamW(by_hand.parameters(), lr=1e-2, weight_decay=0.0)
-    ((lm_loss(by_hand, batches[0]) + lm_loss(by_hand, batches[1])) / 2).backward()
-    optimizer.step()
+    sgd_step_by_hand(by_hand, batches, lr=0.5)
     for (name, a), b in zip(accumulated.state_dict().items(), by_hand.state_dict().values()):
-        torch.testing.assert_close(a, b, msg=name)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    means = [lm_loss(tiny_llama(), b).item() for b in batches]
+    assert result.losses[0] == pytest.approx(sum(m * n for m, n in zip(means, [8, 44, 32, 14])) / 98, rel=1e-5)
+    mean_of_means = tiny_llama()  # what dividing by the number of micro-batches would give: not this
+    (sum(lm_loss(mean_of_means, b) for b in batches) / 4).backward()
+    with torch.no_grad():
+        step = mean_of_means.lm_head.weight - 0.5 * mean_of_means.lm_head.weight.grad
+    assert not torch.allclose(step, accumulated.lm_head.weight, rtol=1e-5, atol=1e-6)
+    assert len(result.grad_norms) == 1 and result.grad_norms[0] > 0
+
+
+def test_gpu_precision_settings_are_restored():
+    before = torch.get_float32_matmul_precision()
+    with tf32_matmuls(torch.device("cuda")):  # only flips a setting: runs without a GPU too
+        assert torch.get_float32_matmul_precision() == "high"
+    assert torch.get_float32_matmul_precision() == before
+    with tf32_matmuls(torch.device("cpu")):
+        assert torch.get_float32_matmul_precision() == before  # a CPU trains in plain float32
 
 
 def test_warmup_ramps_the_learning_rate():
@@ -122,16 +174,35 @@ def test_train_rejects_bad_arguments():
 WORKER = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, {tests!r})
-    from test_train import tiny_llama, tiny_batches
-    from accelerate import PartialState
+    from test_train import tiny_llama, tiny_batches, uneven_batches
+    from accelerate import Accelerator, PartialState
     from course_lib.train import lm_loss, train
 
-    rank = int(os.environ["RANK"])
+    rank, case = int(os.environ["RANK"]), sys.argv[1]
+    hooks = []  # one entry per gradient bucket all-reduced: counts the synchronizations
+    prepare = Accelerator.prepare
+
+    def counting_prepare(self, *objects):
+        out = prepare(self, *objects)
+        def allreduce(state, bucket):
+            hooks.append(bucket.index())
+            fut = torch.distributed.all_reduce(bucket.buffer().div_(self.num_processes), async_op=True).get_future()
+            return fut.then(lambda f: f.value()[0])
+        out[0].register_comm_hook(None, allreduce)
+        return out
+
+    Accelerator.prepare = counting_prepare
     model = tiny_llama(seed=rank)  # different on purpose: DDP starts every replica from rank 0's
-    result = train(model, lm_loss, tiny_batches(2), steps=1, lr=1e-2, max_grad_norm=None, progress=False)
+    if case == "plain":
+        result = train(model, lm_loss, tiny_batches(2), steps=1, lr=1e-2, max_grad_norm=None, progress=False)
+    else:  # two steps of two micro-batches: rank 0 takes batches 0 and 2, rank 1 batches 1 and 3
+        torch.optim.AdamW = lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr)
+        result = train(model, lm_loss, uneven_batches(), steps=2, grad_accum=2, lr=0.5, max_grad_norm=None,
+                       progress=False)
     state = PartialState()
     torch.save({{"state": model.state_dict(), "loss": result.losses[0], "rank": state.process_index,
-                 "world": state.num_processes, "backend": state.backend}}, {out!r} + f"/rank{{rank}}.pt")
+                 "world": state.num_processes, "backend": state.backend, "hooks": hooks}},
+               {out!r} + f"/{{case}}-rank{{rank}}.pt")
 """)
 
 
@@ -141,18 +212,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_cpu_processes_keep_identical_replicas(tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` on CPUs: one step, each rank its own
-    micro-batch, gradients averaged over gloo; the loop's default accelerator must notice."""
+def run_two_processes(tmp_path, case: str) -> list[dict]:
+    """`accelerate launch --multi_gpu --num_processes 2` on CPUs (gloo); each rank's saved results."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPUs even on a GPU machine
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(script)]
+           "--main_process_port", str(_free_port()), str(script), case]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    return [torch.load(tmp_path / f"{case}-rank{r}.pt") for r in range(2)]
+
+
+def test_two_cpu_processes_keep_identical_replicas(tmp_path):
+    """One step, each rank its own micro-batch, gradients averaged over gloo; the loop's default
+    accelerator must notice the two processes."""
+    ranks = run_two_processes(tmp_path, "plain")
     assert [(r["rank"], r["world"], r["backend"]) for r in ranks] == [(0, 2, "gloo"), (1, 2, "gloo")]
     assert ranks[0]["loss"] != ranks[1]["loss"]  # each rank saw its own batch
     for name, tensor in ranks[0]["state"].items():
@@ -163,3 +239,22 @@ def test_two_cpu_processes_keep_identical_replicas(tmp_path):
     for name, tensor in single.state_dict().items():
         torch.testing.assert_close(ranks[0]["state"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     assert not torch.equal(single.state_dict()["lm_head.weight"], tiny_llama(seed=0).state_dict()["lm_head.weight"])
+
+
+def test_two_processes_accumulating_different_data_match_one_big_batch(tmp_path, plain_sgd):
+    """Two steps of 2 micro-batches on each of 2 ranks, each rank with its own (uneven) batches, equal
+    one process's steps over all 4 batches, and the by-hand gradient of the mean over all their
+    label tokens; the gradients are all-reduced once per optimizer step, not once per micro-batch."""
+    ranks = run_two_processes(tmp_path, "accumulate")
+    assert ranks[0]["loss"] != ranks[1]["loss"]  # different data on each rank
+    buckets = len(set(ranks[0]["hooks"]))
+    assert buckets >= 1 and len(ranks[0]["hooks"]) == 2 * buckets  # two steps: two synchronizations
+    single = tiny_llama(seed=0)
+    train(single, lm_loss, uneven_batches(), steps=2, grad_accum=4, lr=0.5, max_grad_norm=None, progress=False)
+    by_hand = tiny_llama(seed=0)
+    for _ in range(2):
+        sgd_step_by_hand(by_hand, uneven_batches(), lr=0.5)
+    for name, tensor in single.state_dict().items():
+        torch.testing.assert_close(ranks[0]["state"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(ranks[1]["state"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(by_hand.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
