@@ -81,8 +81,13 @@ def stage(runs: Sequence[executed.ExecutedNotebook], lectures: Sequence[Path], s
         exercise = root / "exercises" / lecture.name
         page = page_notebook(run.nb, exercise if exercise.exists() else None)
         _write_if_changed(src / "notebooks" / lecture.name, nbformat.writes(page) + "\n")
-    for exercise in sorted((root / "exercises").glob("*.ipynb")):
+    exercises = sorted((root / "exercises").glob("*.ipynb"))
+    for exercise in exercises:
         _write_if_changed(src / "exercises" / exercise.name, exercise.read_text(encoding="utf-8"))
+    current = {f"notebooks/{p.name}" for p in lectures} | {f"exercises/{p.name}" for p in exercises}
+    for staged in [*src.glob("notebooks/*.ipynb"), *src.glob("exercises/*.ipynb")]:
+        if f"{staged.parent.name}/{staged.name}" not in current:
+            staged.unlink()  # a notebook since renamed or removed: no page for it
 
 
 def build(profile: str | None = None, root: Path = Path(".")) -> Path:

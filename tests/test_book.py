@@ -5,7 +5,8 @@ nothing runs twice; run alone, the notebooks the cache lacks are executed first)
 localhost and checks every chapter page: it renders, every figure of the run is an image that loaded,
 every "What we measured"-style Markdown table is a table, the page links its exercise notebook, and
 no request left the machine. Then the navigation, the full-text search and MathJax. Screenshots go
-to test-artifacts/book_*.png.
+to test-artifacts/book_*.png. Those tests are marked `executed`; the staging of the site's sources
+is tested on fixture notebooks made here.
 """
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ import nbformat
 import pytest
 
 from browsing import ARTIFACTS, open_local, serve
-
-pytestmark = pytest.mark.executed
 
 ROOT = Path(__file__).resolve().parents[1]
 LECTURES = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -63,6 +62,7 @@ PAGE_JS = """() => {
 }"""
 
 
+@pytest.mark.executed
 @pytest.mark.parametrize("notebook", LECTURES, ids=lambda path: path.stem)
 def test_chapter_page_shows_the_run(notebook, site, browser_context):
     staged = nbformat.read(site["src"] / "notebooks" / notebook.name, as_version=4)
@@ -83,6 +83,7 @@ def test_chapter_page_shows_the_run(notebook, site, browser_context):
     assert blocked == [], f"the page sent requests off the machine: {blocked}"
 
 
+@pytest.mark.executed
 def test_every_chapter_in_the_navigation(site, browser_context):
     page, blocked = open_page(browser_context, site["base"], "index.html")
     links = page.evaluate("() => [...document.querySelectorAll('nav.bd-links a')].map(a => a.getAttribute('href'))")
@@ -94,6 +95,7 @@ def test_every_chapter_in_the_navigation(site, browser_context):
     assert blocked == [], blocked
 
 
+@pytest.mark.executed
 def test_full_text_search_finds_a_chapter(site, browser_context):
     page, blocked = open_page(browser_context, site["base"], "search.html?q=SmoothQuant")
     page.locator("#search-results ul.search li a").first.wait_for(timeout=30_000)
@@ -104,6 +106,7 @@ def test_full_text_search_finds_a_chapter(site, browser_context):
     assert blocked == [], blocked
 
 
+@pytest.mark.executed
 def test_formulas_are_typeset_offline(site, browser_context):
     with_math = next((nb for nb in LECTURES if re.search(r"\$[^$\n]+\$", "\n".join(
         c.source for c in nbformat.read(nb, as_version=4).cells if c.cell_type == "markdown"))), None)
@@ -113,3 +116,41 @@ def test_formulas_are_typeset_offline(site, browser_context):
     page.locator("mjx-container").first.wait_for(timeout=30_000)
     page.close()
     assert blocked == [], blocked
+
+
+# ---- the site's sources, on fixture notebooks
+
+
+def test_a_page_leaves_out_live_widgets_and_links_its_exercises():
+    from course_lib import book
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("interact(f)")])
+    nb.metadata["widgets"] = {"state": {}}
+    nb.cells[0].outputs = [
+        nbformat.v4.new_output("display_data", {book.WIDGET_VIEW: {"model_id": "1"}, "text/plain": "VBox()"}),
+        nbformat.v4.new_output("display_data", {"image/png": "iVBORw0KGgo=", "text/plain": "<Figure>"})]
+    page = book.page_notebook(nb, Path("exercises/01_math.ipynb"))
+    assert [list(o.data) for o in page.cells[0].outputs] == [["image/png", "text/plain"]]
+    assert "widgets" not in page.metadata and len(nb.cells[0].outputs) == 2, "the run itself is unchanged"
+    assert page.cells[-1].source.startswith("## Exercises") and "(../exercises/01_math.ipynb)" in page.cells[-1].source
+
+
+def test_staging_writes_pages_and_drops_removed_ones(tmp_path):
+    from course_lib import book, executed
+
+    for folder in ("book", "notebooks", "exercises"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "book" / "index.md").write_text("# Course\n")
+    lecture = tmp_path / "notebooks" / "01_math.ipynb"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# 01 · Math")])
+    nbformat.write(nb, lecture)
+    nbformat.write(nb, tmp_path / "exercises" / "01_math.ipynb")
+    src = tmp_path / "src"
+    (src / "notebooks").mkdir(parents=True)
+    (src / "notebooks" / "00_renamed.ipynb").write_text("{}")
+    run = executed.ExecutedNotebook(nb, (), "ci", "nbval", "2026-12-01")
+    book.stage([run], [lecture], src, tmp_path)
+    assert sorted(str(p.relative_to(src)) for p in src.rglob("*.*")) == [
+        "exercises/01_math.ipynb", "index.md", "notebooks/01_math.ipynb"]
+    page = nbformat.read(src / "notebooks" / "01_math.ipynb", as_version=4)
+    assert "exercises/01_math.ipynb" in page.cells[-1].source
