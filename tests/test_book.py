@@ -79,7 +79,7 @@ def test_chapter_page_shows_the_run(notebook, site, browser_context):
     assert state["outputTables"] >= markdown_tables(staged), (
         f"{notebook.name}: {markdown_tables(staged)} Markdown tables in the run's outputs, "
         f"{state['outputTables']} tables in the page's outputs")
-    assert state["exercise"] == [f"../exercises/{notebook.stem}.html"], state["exercise"]
+    assert f"../exercises/{notebook.stem}.html" in state["exercise"], state["exercise"]
     assert blocked == [], f"the page sent requests off the machine: {blocked}"
 
 
