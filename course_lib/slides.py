@@ -239,9 +239,9 @@ def speaker_notes(nb, cell_seconds: Sequence[float] = (), run_note: str = "") ->
 # measured in Chromium on the course's decks (tests/test_browser.py checks every subslide): px per
 # line of prose, code and output text, characters per line before a line wraps, and the fixed
 # parts: a heading, a table row, a cell's and an output's padding.
-PROSE_LINE_PX, CODE_LINE_PX, OUTPUT_LINE_PX = 26, 22, 20
-PROSE_CHARS, CODE_CHARS, OUTPUT_CHARS = 90, 100, 110
-HEADING_PX, TABLE_ROW_PX, PARAGRAPH_GAP_PX = 70, 38, 8
+PROSE_LINE_PX, CODE_LINE_PX, OUTPUT_LINE_PX, TABLE_LINE_PX = 26, 22, 26, 30
+PROSE_CHARS, CODE_CHARS, OUTPUT_CHARS, TABLE_CHARS = 80, 100, 100, 81
+TITLE_PX, HEADING_PX, TABLE_ROW_PX, PARAGRAPH_GAP_PX = 110, 70, 10, 8
 MARKDOWN_CELL_PX, CODE_CELL_PX, OUTPUT_PX, IMAGE_OUTPUT_PX = 14, 50, 20, 40
 CONTENT_WIDTH_PX = 1090  # wider images are scaled down to this width
 SLIDE_BUDGET_PX = SLIDE_SIZE[1] - 40  # less the subslide's own padding
@@ -251,12 +251,27 @@ def _wrapped(lines: Sequence[str], chars: int) -> int:
     return sum(max(1, -(-len(line) // chars)) for line in lines)
 
 
+def _table_height(rows: Sequence[str]) -> int:
+    """A Markdown table's height: columns get widths in proportion to their longest cell (as a
+    browser lays them out), and each row is as tall as its most-wrapped cell."""
+    cells = [[c.strip() for c in row.strip().strip("|").split("|")] for row in rows
+             if not set(row.strip()) <= set("|-: ")]
+    if not cells:
+        return 0
+    widths = [max((len(row[j]) for row in cells if j < len(row)), default=1) or 1 for j in range(max(map(len, cells)))]
+    chars = [max(4, TABLE_CHARS * w / sum(widths)) for w in widths]
+    return sum(max(-(-len(c) // int(chars[j])) for j, c in enumerate(row)) * TABLE_LINE_PX + TABLE_ROW_PX
+               for row in cells)
+
+
 def _text_height(text: str) -> int:
-    """Markdown prose (a cell or a Markdown output): headings, table rows, and paragraphs and list
+    """Markdown prose (a cell or a Markdown output): headings, tables, and paragraphs and list
     items re-flowed into wrapped lines."""
-    height, block = 0, ""
+    height, block, table = 0, "", []
     for line in text.split("\n") + [""]:
         stripped = line.strip()
+        if table and not stripped.startswith("|"):
+            height, table = height + _table_height(table), []
         starts_block = not stripped or stripped.startswith(("#", "|", "- ", "* ", "$$", ">")) or \
             re.match(r"\d+\. ", stripped)
         if starts_block and block:
@@ -264,10 +279,12 @@ def _text_height(text: str) -> int:
             block = ""
         if not stripped:
             height += PARAGRAPH_GAP_PX
+        elif stripped.startswith("# "):
+            height += TITLE_PX
         elif stripped.startswith("#"):
             height += HEADING_PX
         elif stripped.startswith("|"):
-            height += 0 if set(stripped) <= set("|-: ") else TABLE_ROW_PX
+            table.append(stripped)
         else:
             block = f"{block} {stripped}".strip()
     return height
@@ -300,27 +317,42 @@ def cell_height(cell) -> int:
             + sum(output_height(o) for o in cell.get("outputs", [])))
 
 
+def _output_parts(cell) -> list:
+    """A code cell too tall for a slide as parts that fit: its input alone, then its outputs packed
+    into as few output-only copies (tagged `remove-input`, each opening a subslide) as fit."""
+    parts, chunk, used = [], [], 0
+    for output in cell.outputs:
+        height = output_height(output)
+        if chunk and used + height > SLIDE_BUDGET_PX - CODE_CELL_PX:
+            parts.append(chunk)
+            chunk, used = [], 0
+        chunk.append(output)
+        used += height
+    parts.append(chunk)
+    copies = []
+    for number, outputs in enumerate(parts):
+        part = copy.deepcopy(cell)
+        part.outputs = outputs
+        part.metadata["tags"] = [*part.metadata.get("tags", []), OUTPUT_ONLY_TAG]
+        _set_slide_type(part, "subslide")
+        if "id" in part:
+            part.id = f"{cell.id}-out{number}"
+        copies.append(part)
+    cell.outputs = []
+    return [cell, *copies] if cell.source.strip() else copies
+
+
 def fit_subslides(nb) -> None:
     """Split subslides taller than a slide: a new subslide starts at the cell that would not fit,
-    and a code cell whose input and outputs together do not fit shows its outputs on a subslide of
+    and a code cell whose input and outputs together do not fit shows its outputs on subslides of
     their own (the input then stands alone)."""
     cells, used = [], 0
     for cell in nb.cells:
         if not _shown(cell):
             cells.append(cell)
             continue
-        height = cell_height(cell)
-        if cell.cell_type == "code" and cell.outputs and height > SLIDE_BUDGET_PX and cell.source.strip():
-            output = copy.deepcopy(cell)
-            output.metadata["tags"] = [*output.metadata.get("tags", []), OUTPUT_ONLY_TAG]
-            _set_slide_type(output, "subslide")
-            cell.outputs = []
-            if "id" in output:
-                output.id = f"{cell.id}-out"
-            split = [cell, output]
-        else:
-            split = [cell]
-        for part in split:
+        too_tall = cell.cell_type == "code" and cell.outputs and cell_height(cell) > SLIDE_BUDGET_PX
+        for part in _output_parts(cell) if too_tall else [cell]:
             height = cell_height(part)
             if slide_type(part) in BREAKS or used == 0:
                 used = height

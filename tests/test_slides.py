@@ -9,6 +9,8 @@ fixture notebooks made here; the vendoring of the decks' libraries on a small ta
 """
 from __future__ import annotations
 
+import base64
+import copy
 import dataclasses
 import hashlib
 import io
@@ -278,3 +280,40 @@ def test_a_run_with_missing_outputs_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="5 code cells but 1 outputs"):
         executed.store_run(fixture_notebook(), [[]], [1.0], "ci", "talk.ipynb", "nbval", tmp_path)
+
+
+def png(width: int, height: int) -> str:
+    """A PNG's base64 header with this size (all cell_height reads of it)."""
+    header = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    return base64.b64encode(header + b"\x08\x06\x00\x00\x00").decode()
+
+
+def test_tall_cells_are_split_over_subslides():
+    figure = nbformat.v4.new_output("display_data", {"image/png": png(990, 500), "text/plain": "<Figure>"})
+    code = nbformat.v4.new_code_cell("\n".join(f"line_{i} = {i}" for i in range(12)))
+    code.outputs = [figure, copy.deepcopy(figure)]  # 12 lines of code and two 500-px figures
+    prose = [nbformat.v4.new_markdown_cell("A paragraph. " * 20) for _ in range(6)]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("## Title"), code, *prose])
+    for cell in nb.cells:
+        cell.metadata["slideshow"] = {"slide_type": "-"}
+    nb.cells[0].metadata["slideshow"]["slide_type"] = "slide"
+    slides.fit_subslides(nb)
+    kinds = [(slides.slide_type(c), c.cell_type, len(c.get("outputs", [])), slides.OUTPUT_ONLY_TAG in c.metadata.get("tags", []))
+             for c in nb.cells]
+    assert kinds[:4] == [("slide", "markdown", 0, False), ("-", "code", 0, False),
+                         ("subslide", "code", 1, True), ("subslide", "code", 1, True)], kinds
+    heights, used = [], 0
+    for cell in nb.cells:
+        used = slides.cell_height(cell) if slides.slide_type(cell) in slides.BREAKS else used + slides.cell_height(cell)
+        heights.append(used)
+    assert max(heights) <= slides.SLIDE_BUDGET_PX, heights
+    assert sum(slides.slide_type(c) == "subslide" for c in nb.cells[4:]) >= 1, "six paragraphs do not fit one slide"
+
+
+def test_markdown_tables_are_as_tall_as_their_wrapped_rows():
+    short = "| a | b |\n|---|---|\n| 1 | 2 |"
+    long = "| prompt | answer |\n|---|---|\n| " + "word " * 10 + " | " + "word " * 60 + " |"
+    # the answer column gets most of the width (~69 of 81 characters): its 300 characters wrap 5 times
+    row = slides.TABLE_LINE_PX + slides.TABLE_ROW_PX
+    assert slides._text_height(short) == 2 * row + slides.PARAGRAPH_GAP_PX
+    assert slides._text_height(long) == row + 5 * slides.TABLE_LINE_PX + slides.TABLE_ROW_PX + slides.PARAGRAPH_GAP_PX
