@@ -1,7 +1,8 @@
 # Small LLMs course. The two commands of the README:
 #   make lab    set up (virtual environment, course, model) and open the course in JupyterLab
 #   make test   set up and run the whole test suite (unit tests, reference cross-checks, notebooks)
-# Everything lives in .venv/ and the model cache (COURSE_CACHE, default ~/.cache/course_lib).
+# Everything lives in .venv/ and the model cache (COURSE_CACHE, default ~/.cache/course_lib); the
+# executed notebooks of `make book` and `make slides` in book/_build/<profile>/.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,34 +12,44 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_NOTEBOOKS := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider
 
-.PHONY: lab test setup setup-test model browser unit notebooks exercises clean-notebooks slides benchmarks course-report clean
+.PHONY: lab test setup setup-test setup-book model browser unit notebooks exercises clean-notebooks timings book slides benchmarks course-report clean
 
+# As root it adds --allow-root, without a display --no-browser; it prints the address to open.
 lab: setup model
-	$(VENV)/bin/jupyter lab notebooks/
+	$(PY) -m course_lib.lab notebooks
 
+# nbval's green runs of the lecture notebooks fill the ci execution cache (conftest.py), so the
+# site and the decks tested last are built from them without running the notebooks again.
 test: setup-test model $(if $(CI),browser)
 	$(PY) -m course_lib.notebook_tools exercises --check
 	$(PY) -m course_lib.notebook_tools outputs
-	COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 $(PY) -m pytest tests
+	$(PY) -m course_lib.notebook_tools timings --check
+	COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 $(PY) -m pytest tests -m "not executed"
 	COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 $(PY) -m pytest $(PYTEST_NOTEBOOKS) notebooks solutions
+	COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 $(PY) -m pytest tests -m executed
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
+# An extra's stamp; installing one also stamps the extras it includes (pyproject.toml).
+INCLUDED_test := book reference
+INCLUDED_book := reference
 $(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[$*]"
-	touch $@
+	touch $@ $(foreach extra,$(INCLUDED_$*),$(VENV)/.installed-$(extra))
 
 setup: $(VENV)/.installed-reference
 setup-test: $(VENV)/.installed-test
+setup-book: $(VENV)/.installed-book
 
 model: | $(VENV)/bin/python
 	$(PY) -m course_lib.models fetch
 
+# the tests that need no executed notebooks (the site's and the decks' need nbval's runs first)
 unit: setup-test model
-	COURSE_PROFILE=ci $(PY) -m pytest tests
+	COURSE_PROFILE=ci $(PY) -m pytest tests -m "not executed"
 
 notebooks: setup-test model
 	COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 $(PY) -m pytest $(PYTEST_NOTEBOOKS) notebooks solutions
@@ -49,9 +60,19 @@ exercises: | $(VENV)/bin/python
 clean-notebooks: | $(VENV)/bin/python
 	$(PY) -m course_lib.notebook_tools outputs --strip
 
-# nbconvert's reveal.js decks, with reveal.js and MathJax vendored into slides/vendor (via npm,
-# cached) so they present offline; without npm they load those from CDNs and say so.
-slides: setup
+# the README's minutes and each notebook's **Time.** line, from benchmarks/timings.json
+timings: | $(VENV)/bin/python
+	$(PY) -m course_lib.notebook_tools timings
+
+# The executed course site in book/_build/<profile>/html, in the profile COURSE_PROFILE names (else
+# laptop; gpu with CUDA); a notebook runs only when the profile's execution cache has no run of its code.
+book: setup-book model
+	$(PY) -m course_lib.book
+
+# nbconvert's reveal.js decks of the lecture notebooks with their outputs (the runs `make book`
+# uses, same profile), with reveal.js and MathJax vendored into slides/vendor (via npm, cached) so
+# they present offline; without npm they load those from CDNs and say so.
+slides: setup-book model
 	$(PY) -m course_lib.slides --out slides notebooks/*.ipynb
 
 # Debian's chromium for tests/test_browser.py (Playwright drives it; no browser download). `make test`
@@ -72,4 +93,4 @@ course-report: setup-test model
 	$(PY) benchmarks/course_report.py --profile $(PROFILE) --out course-report
 
 clean:
-	rm -rf $(VENV) slides
+	rm -rf $(VENV) slides book/_build

@@ -7,6 +7,8 @@ committed without outputs, except cells marked `# NBVAL_CHECK_OUTPUT`, whose out
     python -m course_lib.notebook_tools exercises [--check]   # write (or verify) exercises/
     python -m course_lib.notebook_tools outputs [--strip]     # find (or remove) stray outputs
     python -m course_lib.notebook_tools record NB.ipynb ...   # execute, keep only checked outputs
+    python -m course_lib.notebook_tools timings [--check]     # README minutes and **Time.** lines
+                                                              # from benchmarks/timings.json
 """
 from __future__ import annotations
 
@@ -143,7 +145,24 @@ def main(argv: list[str] | None = None) -> int:
     out.add_argument("--strip", action="store_true", help="remove them")
     rec = sub.add_parser("record", help="execute notebooks, keeping only the checked outputs")
     rec.add_argument("paths", nargs="+", type=Path)
+    tim = sub.add_parser("timings", help="write the README's minutes and the notebooks' **Time.** "
+                         "lines from benchmarks/timings.json")
+    tim.add_argument("--check", action="store_true", help="only report what disagrees with it")
     args = parser.parse_args(argv)
+    if args.command == "timings":
+        from . import timings
+
+        try:
+            stale = timings.write_timings(check=args.check)
+        except timings.TimingsError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        if args.check and stale:
+            print("timings disagree with benchmarks/timings.json: " + ", ".join(map(str, stale)) +
+                  "\nrun `python -m course_lib.notebook_tools timings` and commit the result", file=sys.stderr)
+            return 1
+        print("timings agree with benchmarks/timings.json" if args.check else f"wrote timings into {len(stale)} file(s)")
+        return 0
     if args.command == "record":
         for path in args.paths:
             record_checked_outputs(path)

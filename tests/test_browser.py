@@ -3,16 +3,15 @@
 Starts the course's JupyterLab on localhost (COURSE_PROFILE=ci), runs chapter 01, moves the
 quantization explorer's slider and checks that its plot and its numbers change; then builds the
 chapter's reveal.js deck, serves it on localhost with every other address blocked, and steps through
-it; and checks that every subslide of every lecture deck fits the slide's height. Screenshots go to
+it; and checks that every subslide of every lecture deck, with the outputs of the notebook's ci run,
+fits the slide's height (those run after nbval in `make test`, marked `executed`). Screenshots go to
 test-artifacts/. Skipped, with the reason, where Chromium or playwright is
 missing (`make browser` installs Debian's chromium), where chapter 01 has no slider, or where the
 deck's libraries can be neither found in the cache nor fetched with npm.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import json
 import os
 import re
@@ -21,7 +20,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -29,14 +27,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from browsing import ARTIFACTS, open_local, serve  # the browser_context fixture is in conftest.py
+
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTER = ROOT / "notebooks" / "01_quantization_math.ipynb"
 LECTURES = sorted((ROOT / "notebooks").glob("*.ipynb"))
-ARTIFACTS = ROOT / "test-artifacts"
-# Debian's chromium as the machine's probe ran it: no sandbox (root), no GPU, and no background
-# connections, which this machine's closed network refuses.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # JupyterLab settings for the test's own, empty settings folder: every cell in the page (no
 # windowing), no autosave, no news or update checks.
 LAB_SETTINGS = {
@@ -46,29 +41,6 @@ LAB_SETTINGS = {
         {"fetchNews": "false", "checkForUpdates": False},
 }
 RUN_TIMEOUT_S = 150
-
-
-def chromium_executable() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        pytest.skip("Chromium is not installed: `make browser` (or `apt-get install chromium`) "
-                    "enables this test")
-    return path
-
-
-@pytest.fixture(scope="module")
-def browser_context(tmp_path_factory):
-    """A Playwright context in Debian's Chromium with a new, empty profile folder."""
-    executable = chromium_executable()
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed: `pip install -e '.[test]'` installs it")
-    with sync_api.sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=executable, headless=True,
-            args=CHROMIUM_FLAGS, viewport={"width": 1280, "height": 900})
-        context.set_default_timeout(60_000)
-        yield context
-        context.close()
 
 
 def free_port() -> int:
@@ -222,45 +194,25 @@ def test_chapter01_explorer_reacts_in_jupyterlab(browser_context, lab):
     assert after["text"] != before["text"], f"the numbers did not change {moved}: {after['text']!r}"
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def deck_site(tmp_path_factory):
-    """Every lecture notebook's reveal.js deck, the libraries vendored beside them, on localhost."""
+    """Every lecture notebook's reveal.js deck with the outputs of its ci run (as `make slides`
+    builds them, from the execution cache nbval filled), the libraries vendored beside them, on localhost."""
     from course_lib import slides
 
     out = tmp_path_factory.mktemp("slides")
     try:
-        settings = slides.offline_settings(out)
+        slides.offline_settings(out)
     except slides.OfflineLibrariesUnavailable as error:
         pytest.skip(f"the decks' libraries are not available offline: {error}")
-    for notebook in LECTURES:
-        slides.build_deck(notebook, out, settings)
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(out)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
+    slides.build_decks(LECTURES, out, profile="ci")
+    with serve(out) as base:
+        yield base
 
 
 def open_deck(context, site: str, notebook: Path):
     """A page showing the notebook's deck, every address but the local server's blocked; (page, blocked)."""
-    page, blocked = context.new_page(), []
-
-    def localhost_only(route):
-        if route.request.url.startswith(site):
-            route.continue_()
-        else:
-            blocked.append(route.request.url)
-            route.abort()
-
-    page.route("**/*", localhost_only)
-    page.goto(f"{site}/{notebook.stem}.slides.html")
+    page, blocked = open_local(context, site, f"{notebook.stem}.slides.html")
     page.locator(".reveal.ready .slides > section.present").wait_for()
     return page, blocked
 
@@ -289,6 +241,7 @@ def press_right(page, state: dict) -> dict:
     return page.evaluate(DECK_STATE_JS)
 
 
+@pytest.mark.executed
 def test_chapter01_deck_steps_through_offline(browser_context, deck_site):
     if not CHAPTER.exists():
         pytest.skip(f"{CHAPTER.name} is missing")
@@ -315,9 +268,10 @@ def test_chapter01_deck_steps_through_offline(browser_context, deck_site):
     assert [url for url in blocked if "mermaid" not in url] == [], "the deck needs the network"
 
 
+@pytest.mark.executed
 @pytest.mark.parametrize("notebook", LECTURES, ids=lambda path: path.stem)
 def test_deck_subslides_fit_the_screen(notebook, browser_context, deck_site):
-    """Every subslide, with all its fragments, fits the deck's slide height (decks show no outputs)."""
+    """Every subslide, with all its fragments and the outputs of the run, fits the deck's slide height."""
     from course_lib.slides import SLIDE_SIZE
 
     page, _ = open_deck(browser_context, deck_site, notebook)

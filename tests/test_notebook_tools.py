@@ -125,3 +125,90 @@ def test_every_cell_has_slide_metadata():
         nb = nbformat.read(path, as_version=4)
         missing = [i for i, c in enumerate(nb.cells) if "slide_type" not in c.metadata.get("slideshow", {})]
         assert not missing, f"{path.name}: cells {missing} have no slideshow.slide_type"
+
+
+# ---- one source for the chapters' run times: benchmarks/timings.json
+
+from course_lib import timings  # noqa: E402
+
+TIMINGS = {"notebooks": {
+    "00_intro": {"note": "the first run also converts the model",
+                 "ci": {"minutes": 0.2, "device": "2-core CPU", "date": "2026-11-26"},
+                 "gpu": {"minutes": 0.4, "device": "NVIDIA H200", "date": "2026-11-26"}},
+    "01_math": {"ci": {"minutes": 1.25, "device": "2-core CPU", "date": "2026-11-26"},
+                "laptop": {"minutes": 3.0, "device": "2-core CPU", "date": "2026-11-26"}},
+}}
+README = """# Course
+
+| # | notebook | minutes: ci / laptop / gpu |
+|---|---|---|
+| 00 | `00_intro` | 9 / 9 / 9 |
+| 01 | `01_math` | 1.0 / – / – |
+
+| chapter | ci | laptop | gpu | run ahead |
+|---|---|---|---|---|
+| 01 Math | 1 | 2 | 3 | nothing |
+
+| other | table |
+|---|---|
+| 00 | 7 |
+"""
+
+
+def test_time_line_names_every_profile_and_device():
+    assert timings.time_line(TIMINGS["notebooks"]["00_intro"]) == (
+        "**Time.** ci 0.2 min, laptop not yet measured, gpu 0.4 min (measured runs; ci: 2-core CPU; "
+        "gpu: NVIDIA H200). The first run also converts the model.")
+    assert timings.time_line(TIMINGS["notebooks"]["01_math"]).startswith(
+        "**Time.** ci 1.2 min, laptop 3.0 min, gpu not yet measured (measured runs; ci and laptop: 2-core CPU).")
+
+
+def test_readme_minutes_are_written_in_both_kinds_of_table_only():
+    text = timings.readme_with_timings(README, TIMINGS)
+    assert "| 00 | `00_intro` | 0.2 / – / 0.4 |" in text and "| 01 | `01_math` | 1.2 / 3.0 / – |" in text
+    assert "| 01 Math | 1.2 | 3.0 | – | nothing |" in text
+    assert "| 00 | 7 |" in text, "a table without timing columns is left alone"
+    assert timings.readme_with_timings(text, TIMINGS) == text
+
+
+def test_a_chapter_row_without_timings_is_an_error():
+    with pytest.raises(timings.TimingsError, match="'02'"):
+        timings.readme_with_timings(README.replace("| 01 | `01_math`", "| 02 | `02_new`"), TIMINGS)
+
+
+def test_the_time_paragraph_becomes_one_line():
+    nb = _notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# 01\n\n**Time.** about 3 minutes,\nmore on a laptop.\n\nNext.")]
+    timings.notebook_with_time_line(nb, "**Time.** ci 1.2 min.")
+    assert nb.cells[0].source == "# 01\n\n**Time.** ci 1.2 min.\n\nNext."
+    nb.cells[0].source = "# 01 without a time line"
+    with pytest.raises(timings.TimingsError, match=r"\*\*Time\.\*\*"):
+        timings.notebook_with_time_line(nb, "**Time.** ci 1.2 min.", "notebooks/01_math.ipynb")
+
+
+def test_timings_are_checked_then_written(tmp_path):
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "benchmarks").mkdir()
+    timings.save(TIMINGS, tmp_path)
+    (tmp_path / "README.md").write_text(README)
+    for stem in TIMINGS["notebooks"]:
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(f"# {stem}\n\n**Time.** soon.")])
+        nbformat.write(nb, tmp_path / "notebooks" / f"{stem}.ipynb")
+    stale = timings.write_timings(tmp_path, check=True)
+    assert [p.name for p in stale] == ["00_intro.ipynb", "01_math.ipynb", "README.md"]
+    assert (tmp_path / "README.md").read_text() == README, "--check must not write"
+    timings.write_timings(tmp_path)
+    assert timings.write_timings(tmp_path, check=True) == []
+    assert "ci 1.2 min" in nbformat.read(tmp_path / "notebooks" / "01_math.ipynb", as_version=4).cells[0].source
+
+
+def test_record_checks_its_arguments():
+    data = {"notebooks": {}}
+    timings.record(data, "00_intro", "laptop", 0.44, "2-core CPU", "2026-12-01")
+    assert data["notebooks"]["00_intro"]["laptop"] == {"minutes": 0.4, "device": "2-core CPU", "date": "2026-12-01"}
+    with pytest.raises(ValueError, match="profile"):
+        timings.record(data, "00_intro", "phone", 1.0, "?", "?")
+
+
+def test_the_course_agrees_with_its_timings_file():
+    assert timings.write_timings(ROOT, check=True) == []
