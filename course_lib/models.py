@@ -292,12 +292,16 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
 # ----------------------------------------------------------------------------- sizes
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters, each shared (tied) tensor counted once."""
+    """Number of parameters, each shared (tied) tensor counted once; the weights a quantized layer
+    stores as INT8/INT4 buffers (its `quantized_weights`, chapter 02) count too — they are frozen,
+    so `trainable_only` leaves them out."""
     seen, total = set(), 0
     for p in model.parameters():
         if p.data_ptr() not in seen and (p.requires_grad or not trainable_only):
             seen.add(p.data_ptr())
             total += p.numel()
+    if not trainable_only:
+        total += sum(getattr(module, "quantized_weights", 0) for module in model.modules())
     return total
 
 
