@@ -94,17 +94,28 @@ def _fingerprint(model: nn.Module) -> tuple:
             tuple(0 if t.is_inference() else t._version for t in tensors))
 
 
+SPEEDUPS = ("eager", "graph", "compile")
+
+
 class Decoder:
     """Greedy-decoding engine for `batch_size` sequences of up to `max_length` tokens (prompt
-    included) over `model`'s own modules. Prompts may be left-padded (pass their attention mask)."""
+    included) over `model`'s own modules. Prompts may be left-padded (pass their attention mask).
 
-    def __init__(self, model: nn.Module, batch_size: int, max_length: int):
+    `speedup` for the step: "eager" runs it op by op; "graph" (CUDA) records it once as a CUDA graph
+    and replays it, so the CPU launches one graph per token instead of hundreds of kernels;
+    "compile" first compiles it with torch.compile (fusing, e.g., INT8 -> bfloat16 conversion into
+    the matrix-vector product), then records that as a graph on CUDA. Everything a step reads or
+    writes lives in tensors allocated once, so a recorded graph stays valid."""
+
+    def __init__(self, model: nn.Module, batch_size: int, max_length: int, speedup: str = "eager"):
         ok, why = supports(model)
         if not ok:
             raise ValueError(f"Decoder cannot run this model: {why}")
         if batch_size < 1 or max_length < 2:
             raise ValueError(f"need batch_size >= 1 and max_length >= 2, got {batch_size}, {max_length}")
-        self.model, self.batch_size, self.max_length = model, batch_size, max_length
+        if speedup not in SPEEDUPS:
+            raise ValueError(f"speedup must be one of {SPEEDUPS}, got {speedup!r}")
+        self.model, self.batch_size, self.max_length, self.speedup = model, batch_size, max_length, speedup
         self._build()
 
     def _build(self) -> None:
@@ -130,6 +141,11 @@ class Decoder:
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.slots = torch.arange(self.max_length, device=self.device)
+        self.valid = torch.zeros(self.batch_size, self.max_length, dtype=torch.bool, device=self.device)
+        self.pad = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)
+        self.position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._step = torch.compile(self._step_eager, dynamic=False) if self.speedup == "compile" else self._step_eager
+        self._graph = None
         self.fingerprint = _fingerprint(self.model)
 
     # ------------------------------------------------------------------ the public door: checks here
@@ -145,25 +161,52 @@ class Decoder:
             self._build()
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         length = input_ids.shape[1]
-        self.valid = torch.zeros(self.batch_size, self.max_length, dtype=torch.bool, device=self.device)
         self.valid[:, :length] = mask
         self.valid[:, length:] = True  # generated tokens are always real
-        self.pad = (~mask).sum(dim=1, keepdim=True)  # left padding: rotary positions start after it
-        self.position = torch.tensor([length], device=self.device)
+        self.pad.copy_((~mask).sum(dim=1, keepdim=True))  # left padding: rotary positions start after it
+        self.position.fill_(length)
         slots = self.slots[:length]
         causal = slots[None, :, None] >= self.slots[None, None, :]  # [1, T, L]
         itself = slots[None, :, None] == self.slots[None, None, :]  # a padding position sees itself: no empty row
         attend = causal & self.valid[:, None, :] | itself
-        return self._forward(input_ids, slots, (slots[None] - self.pad).clamp(min=0), attend[:, None])
+        logits = self._forward(input_ids, slots, (slots[None] - self.pad).clamp(min=0), attend[:, None])
+        if self.speedup != "eager" and self.device.type == "cuda" and self._graph is None:
+            self._record(logits.argmax(-1, keepdim=True))  # now, so that no timed step pays for it
+        return logits
 
     @torch.no_grad()
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """One token per sequence [batch_size, 1] after `prefill`: the logits of the next [batch_size, vocab]."""
+        if self.speedup == "eager" or self.device.type != "cuda":
+            return self._step(token)
+        if self._graph is None:
+            self._record(token)
+        self._token.copy_(token)
+        self._graph.replay()
+        return self._logits.clone()
+
+    def _step_eager(self, token: torch.Tensor) -> torch.Tensor:
         slot = self.position
         attend = (self.slots <= slot)[None, None, None, :] & self.valid[:, None, None, :]
         logits = self._forward(token, slot, slot[None] - self.pad, attend)
-        self.position = slot + 1
+        self.position.add_(1)
         return logits
+
+    def _record(self, token: torch.Tensor) -> None:
+        """Capture one step as a CUDA graph (after two warm-up steps on a side stream, as CUDA graphs
+        require); the warm-up steps' cache writes land in slots that later steps overwrite."""
+        start = self.position.clone()
+        self._token = token.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step(self._token)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._logits = self._step(self._token)
+        self.position.copy_(start)
 
     @torch.no_grad()
     def greedy(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
@@ -223,3 +266,22 @@ def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@torch.no_grad()
+def generate_tokens(model: nn.Module, batch, max_new_tokens: int, min_new_tokens: int | None,
+                    pad_token_id: int, sampling: dict) -> torch.Tensor:
+    """The new tokens [B, n] of `model.generate(**batch, ...)`: greedy decoding of a model `Decoder`
+    supports runs `Decoder.greedy`; sampling, other architectures and several EOS ids fall back to
+    transformers' `generate` (`models.generate` calls this)."""
+    ids = batch["input_ids"]
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) and len(eos) == 1 else eos
+    config = model.generation_config
+    plain = getattr(config, "repetition_penalty", None) in (None, 1.0) and not getattr(config, "no_repeat_ngram_size", 0)
+    if not sampling.get("do_sample") and plain and supports(model)[0] and not isinstance(eos, (list, tuple)):
+        decoder = Decoder(model, ids.shape[0], ids.shape[1] + max_new_tokens + 1)
+        return decoder.greedy(ids, max_new_tokens, batch.get("attention_mask"), eos, pad_token_id, min_new_tokens or 0)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                         pad_token_id=pad_token_id, **sampling)
+    return out[:, ids.shape[1]:]

@@ -130,11 +130,15 @@ def _check_timing_args(input_ids, steps: int, repeats: int, warmup: int) -> None
         raise ValueError(f"need steps >= 1, repeats >= 1, warmup >= 0; got {steps}, {repeats}, {warmup}")
 
 
-def _decoder(model, input_ids: torch.Tensor, steps: int):
-    """The lean `course_lib.decoder.Decoder` when it can run `model`, else None (transformers' loop)."""
+def _decoder(model, input_ids: torch.Tensor, steps: int, speedup: str | None = None):
+    """The lean `course_lib.decoder.Decoder` when it can run `model`, else None (transformers' loop).
+    Its steps run as CUDA graphs on a GPU (for every model alike: a fair race), op by op on a CPU."""
     from .decoder import Decoder, supports
 
-    return Decoder(model, input_ids.shape[0], input_ids.shape[1] + steps + 1) if supports(model)[0] else None
+    if not supports(model)[0]:
+        return None
+    speedup = speedup or ("graph" if input_ids.device.type == "cuda" else "eager")
+    return Decoder(model, input_ids.shape[0], input_ids.shape[1] + steps + 1, speedup)
 
 
 def _hf_cache_keyword(model) -> str:
@@ -148,20 +152,22 @@ def prefill_timing(model, input_ids: torch.Tensor, repeats: int = 3, warmup: int
     `generate` does): the compute-bound phase. Median of `repeats`. Runs `course_lib.decoder`
     where it applies (Llama-family models), transformers' forward otherwise."""
     _check_timing_args(input_ids, 1, repeats, warmup)
-    decoder = _decoder(model, input_ids, 1)
+    decoder = _decoder(model, input_ids, 1, speedup="eager")  # one large call: nothing to record
     if decoder is not None:
         return benchmark(lambda: decoder.prefill(input_ids), repeats, warmup)
     return benchmark(lambda: model(input_ids=input_ids, use_cache=True, logits_to_keep=1), repeats, warmup)
 
 
 @torch.no_grad()
-def decode_timing(model, input_ids: torch.Tensor, steps: int = 16, repeats: int = 3, warmup: int = 1) -> Timing:
+def decode_timing(model, input_ids: torch.Tensor, steps: int = 16, repeats: int = 3, warmup: int = 1,
+                  speedup: str | None = None) -> Timing:
     """Seconds for `steps` greedy one-token steps after an untimed prefill of `input_ids`: the
     memory-bound phase, every weight read once per step. Median of `repeats`. Runs the lean
-    `course_lib.decoder` loop where it applies, transformers' cache loop otherwise."""
+    `course_lib.decoder` loop where it applies (`speedup`: see `Decoder`; default CUDA graphs on a
+    GPU, eager on a CPU), transformers' cache loop otherwise."""
     _check_timing_args(input_ids, steps, repeats, warmup)
     sync = torch.cuda.synchronize if input_ids.device.type == "cuda" else (lambda: None)
-    prefill, step = _greedy_steps(model, input_ids, steps)
+    prefill, step = _greedy_steps(model, input_ids, steps, speedup)
     times = []
     for run in range(warmup + repeats):
         logits = prefill()
@@ -175,10 +181,10 @@ def decode_timing(model, input_ids: torch.Tensor, steps: int = 16, repeats: int 
     return Timing.from_times(times)
 
 
-def _greedy_steps(model, input_ids: torch.Tensor, steps: int):
+def _greedy_steps(model, input_ids: torch.Tensor, steps: int, speedup: str | None = None):
     """(prefill, step) for greedy decoding: prefill() reads the prompt and returns the last logits
     [B, vocab]; step(logits) feeds their argmax back and returns the next ones."""
-    decoder = _decoder(model, input_ids, steps)
+    decoder = _decoder(model, input_ids, steps, speedup)
     if decoder is not None:
         return (lambda: decoder.prefill(input_ids)), (lambda logits: decoder.step(logits.argmax(-1, keepdim=True)))
     keyword, state = _hf_cache_keyword(model), {}
@@ -193,7 +199,7 @@ def _greedy_steps(model, input_ids: torch.Tensor, steps: int):
 
 
 def interleaved_speed(models: dict, prompt_ids: torch.Tensor, decode_ids: torch.Tensor,
-                      decode_steps: int = 16, repeats: int = 3) -> dict[str, dict[str, Timing]]:
+                      decode_steps: int = 16, repeats: int = 3, speedup: str | None = None) -> dict[str, dict[str, Timing]]:
     """Prefill and decode timings of several models, measured round-robin: one warm-up round, then
     `repeats` rounds of every model in turn, so that a busy machine slows them all alike.
     Returns {name: {"prefill": Timing, "decode": Timing}} (medians over the rounds)."""
@@ -203,7 +209,7 @@ def interleaved_speed(models: dict, prompt_ids: torch.Tensor, decode_ids: torch.
     for round_ in range(repeats + 1):
         for name, model in models.items():
             prefill = prefill_timing(model, prompt_ids, repeats=1, warmup=0).median
-            decode = decode_timing(model, decode_ids, steps=decode_steps, repeats=1, warmup=0).median
+            decode = decode_timing(model, decode_ids, steps=decode_steps, repeats=1, warmup=0, speedup=speedup).median
             if round_:  # round 0 warms every model up
                 times[name]["prefill"].append(prefill)
                 times[name]["decode"].append(decode)

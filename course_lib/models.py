@@ -259,10 +259,13 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
              temperature: float = 1.0, top_p: float | None = None, batch_size: int = 16,
              system: str | None = None, chat: bool = True, seed: int | None = None,
              progress: bool = False, min_new_tokens: int | None = None) -> list[str]:
-    """One reply per prompt: chat template applied, batched with left padding, greedy by default.
+    """One reply per prompt: chat template applied, batched with left padding, greedy by default
+    (greedy decoding runs `course_lib.decoder`'s lean loop where it applies, `generate_tokens`).
 
     `min_new_tokens` forbids ending earlier (for timing a fixed number of tokens)."""
     from tqdm.auto import tqdm
+
+    from .decoder import generate_tokens
 
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings; wrap a single prompt as [prompt]")
@@ -282,9 +285,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
     for start in tqdm(starts, desc="generating", disable=not progress or len(starts) < 2):
         batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(device)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, **sampling)
-        new = out[:, batch["input_ids"].shape[1]:]
+        new = generate_tokens(model, batch, max_new_tokens, min_new_tokens, tokenizer.pad_token_id, sampling)
         replies.extend(s.strip() for s in tokenizer.batch_decode(new, skip_special_tokens=True))
     return replies
 

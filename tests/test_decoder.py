@@ -138,3 +138,20 @@ def test_teacher_decode_with_the_kernels_matches_the_reference(teacher, mode):
         patch.setattr(kernels, "_fast", lambda x: False)
         plain = Decoder(quantized, 2, 40).greedy(ids, 12)
     assert torch.equal(fast, plain)
+
+
+def test_generate_tokens_is_transformers_greedy_and_falls_back_for_sampling():
+    from course_lib.decoder import generate_tokens
+
+    model = _tiny_llama()
+    model.generation_config.eos_token_id = 7
+    ids, mask = _prompts()
+    batch = {"input_ids": ids, "attention_mask": mask}
+    greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    with torch.no_grad():
+        expected = model.generate(**batch, max_new_tokens=12, min_new_tokens=3, pad_token_id=0, **greedy)[:, 10:]
+    ours = generate_tokens(model, batch, 12, 3, 0, greedy)
+    assert torch.equal(ours[:, :expected.shape[1]], expected) and (ours[:, expected.shape[1]:] == 0).all()
+    torch.manual_seed(0)
+    sampled = generate_tokens(model, batch, 4, None, 0, {"do_sample": True, "temperature": 1.0, "top_p": None})
+    assert sampled.shape == (3, 4)
