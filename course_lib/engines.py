@@ -67,14 +67,16 @@ def llama_cpp_gguf(kind: str = "Q4_1") -> Path:
 
 
 def llama_cpp_speed(path, prompt_ids, new_tokens: int = 32, repeats: int = 3, threads: int | None = None,
-                    warmup: int = 1) -> dict[str, Timing]:
-    """{"prefill": Timing, "decode": Timing} of llama.cpp on the GGUF at `path`, batch 1: reading
-    `prompt_ids` (one sequence of token ids) into a fresh context, then `new_tokens` greedy steps.
+                    warmup: int = 1) -> dict:
+    """{"prefill": Timing, "decode": Timing, "tokens": the greedy tokens} of llama.cpp on the GGUF at
+    `path`, batch 1: reading `prompt_ids` (one sequence of token ids) into a fresh context, then
+    `new_tokens` greedy steps.
     Medians of `repeats` after `warmup` runs, `threads` (default torch's) for both phases."""
     import numpy as np
     import torch
 
     _require()
+    import llama_cpp
     from llama_cpp import Llama
 
     tokens = [int(t) for t in (prompt_ids.flatten().tolist() if hasattr(prompt_ids, "flatten") else prompt_ids)]
@@ -83,6 +85,11 @@ def llama_cpp_speed(path, prompt_ids, new_tokens: int = 32, repeats: int = 3, th
     threads = threads or torch.get_num_threads()
     llm = Llama(model_path=str(path), n_ctx=len(tokens) + new_tokens + 8, n_batch=512, n_threads=threads,
                 n_threads_batch=threads, verbose=False)
+    vocab = llm.n_vocab()
+
+    def next_token() -> int:  # greedy: the argmax of the last position's logits
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))))
+
     prefill, decode = [], []
     try:
         for run in range(warmup + repeats):
@@ -90,12 +97,14 @@ def llama_cpp_speed(path, prompt_ids, new_tokens: int = 32, repeats: int = 3, th
             start = time.perf_counter()
             llm.eval(tokens)
             middle = time.perf_counter()
+            generated = []
             for _ in range(new_tokens):
-                llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+                generated.append(next_token())
+                llm.eval(generated[-1:])
             end = time.perf_counter()
             if run >= warmup:
                 prefill.append(middle - start)
                 decode.append(end - middle)
     finally:
         llm.close()
-    return {"prefill": Timing.from_times(prefill), "decode": Timing.from_times(decode)}
+    return {"prefill": Timing.from_times(prefill), "decode": Timing.from_times(decode), "tokens": generated}

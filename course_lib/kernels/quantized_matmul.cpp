@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -31,46 +32,51 @@ void check(const at::Tensor& x, const at::Tensor& w, at::ScalarType xtype, at::S
   TORCH_CHECK(x.scalar_type() == xtype && w.scalar_type() == wtype, "course_kernels: wrong dtypes");
 }
 
+// y[m, n] = Σ_k x[m, k] · q[n, k] for every row m of x, summed in Acc (float, or int32: exact).
+template <typename X, typename Acc>
+void rows_times_int8(const X* x, const int8_t* q, int64_t M, int64_t K, int64_t N, Acc* y) {
+  at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin * kRows; n < std::min(end * kRows, N); n += kRows) {
+      if (n + kRows > N) {  // the last rows, one at a time
+        for (int64_t r = n; r < N; ++r)
+          for (int64_t m = 0; m < M; ++m) {
+            Acc acc = 0;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t k = 0; k < K; ++k) acc += Acc(x[m * K + k]) * Acc(q[r * K + k]);
+            y[m * N + r] = acc;
+          }
+        break;
+      }
+      const int8_t *q0 = q + n * K, *q1 = q0 + K, *q2 = q1 + K, *q3 = q2 + K;
+      for (int64_t m = 0; m < M; ++m) {
+        const X* xm = x + m * K;
+        Acc s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int64_t k = 0; k < K; ++k) {
+          const Acc v = xm[k];
+          s0 += v * Acc(q0[k]);
+          s1 += v * Acc(q1[k]);
+          s2 += v * Acc(q2[k]);
+          s3 += v * Acc(q3[k]);
+        }
+        Acc* ym = y + m * N + n;
+        ym[0] = s0, ym[1] = s1, ym[2] = s2, ym[3] = s3;
+      }
+    }
+  });
+}
+
 at::Tensor int8_weight_matmul(const at::Tensor& x_in, const at::Tensor& q_in, const at::Tensor& s_in) {
   auto x = x_in.contiguous(), q = q_in.contiguous(), s = s_in.contiguous();
   check(x, q, at::kFloat, at::kChar, q.size(1));
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   TORCH_CHECK(s.numel() == N && s.scalar_type() == at::kFloat, "course_kernels: one float32 scale per row");
   auto y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = s.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t n = block * kRows;
-      if (n + kRows <= N) {
-        const int8_t *q0 = qp + n * K, *q1 = q0 + K, *q2 = q1 + K, *q3 = q2 + K;
-        for (int64_t m = 0; m < M; ++m) {
-          const float* xm = xp + m * K;
-          float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-          for (int64_t k = 0; k < K; ++k) {
-            s0 += xm[k] * q0[k];
-            s1 += xm[k] * q1[k];
-            s2 += xm[k] * q2[k];
-            s3 += xm[k] * q3[k];
-          }
-          float* ym = yp + m * N + n;
-          ym[0] = s0 * sp[n], ym[1] = s1 * sp[n + 1], ym[2] = s2 * sp[n + 2], ym[3] = s3 * sp[n + 3];
-        }
-      } else {
-        for (int64_t r = n; r < N; ++r) {
-          for (int64_t m = 0; m < M; ++m) {
-            float acc = 0;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t k = 0; k < K; ++k) acc += xp[m * K + k] * qp[r * K + k];
-            yp[m * N + r] = acc * sp[r];
-          }
-        }
-      }
-    }
-  });
+  rows_times_int8(x.data_ptr<float>(), q.data_ptr<int8_t>(), M, K, N, yp);
+  const float* sp = s.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) yp[m * N + n] *= sp[n];
   return y;
 }
 
@@ -79,40 +85,7 @@ at::Tensor int8_int8_matmul(const at::Tensor& a_in, const at::Tensor& q_in) {
   check(a, q, at::kChar, at::kChar, q.size(1));
   const int64_t M = a.size(0), K = a.size(1), N = q.size(0);
   auto y = at::empty({M, N}, a.options().dtype(at::kInt));
-  const int8_t* ap = a.data_ptr<int8_t>();
-  const int8_t* qp = q.data_ptr<int8_t>();
-  int32_t* yp = y.data_ptr<int32_t>();
-  at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t n = block * kRows;
-      if (n + kRows <= N) {
-        const int8_t *q0 = qp + n * K, *q1 = q0 + K, *q2 = q1 + K, *q3 = q2 + K;
-        for (int64_t m = 0; m < M; ++m) {
-          const int8_t* am = ap + m * K;
-          int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-          for (int64_t k = 0; k < K; ++k) {
-            const int16_t v = am[k];
-            s0 += v * q0[k];
-            s1 += v * q1[k];
-            s2 += v * q2[k];
-            s3 += v * q3[k];
-          }
-          int32_t* ym = yp + m * N + n;
-          ym[0] = s0, ym[1] = s1, ym[2] = s2, ym[3] = s3;
-        }
-      } else {
-        for (int64_t r = n; r < N; ++r) {
-          for (int64_t m = 0; m < M; ++m) {
-            int32_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t k = 0; k < K; ++k) acc += int16_t(ap[m * K + k]) * qp[r * K + k];
-            yp[m * N + r] = acc;
-          }
-        }
-      }
-    }
-  });
+  rows_times_int8(a.data_ptr<int8_t>(), q.data_ptr<int8_t>(), M, K, N, y.data_ptr<int32_t>());
   return y;
 }
 
@@ -133,7 +106,7 @@ at::Tensor int8_dynamic_matmul(const at::Tensor& x_in, const at::Tensor& q, cons
     float absmax = 0;
     for (int64_t k = 0; k < K; ++k) absmax = std::max(absmax, std::fabs(xp[m * K + k]));
     absmax = absmax == 0 ? 1.f : std::max(absmax, 127.f * std::numeric_limits<float>::epsilon());
-    const float inverse = 127.f / absmax;
+    const float inverse = (1.f / absmax) * 127.f;  // as torch computes 127 / absmax: a reciprocal, then a product
     for (int64_t k = 0; k < K; ++k) ap[m * K + k] = int8_t(std::nearbyint(xp[m * K + k] * inverse));
     sp[m] = absmax / 127.f;
   }
