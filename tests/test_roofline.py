@@ -65,7 +65,7 @@ def test_gpu_check_exits_cleanly_without_cuda():
 
 def test_llama_cpp_is_optional():
     if llama_cpp_available():
-        pytest.skip("llama-cpp-python is installed: test_llama_cpp_runs_the_teachers_gguf covers it")
+        pytest.skip("llama-cpp-python is installed: test_llama_cpp_greedy_tokens_match_the_course_decoder covers it")
     with pytest.raises(ModuleNotFoundError, match="engines"):
         llama_cpp_speed("missing.gguf", [1, 2, 3])
     assert "pip install" in INSTALL_HINT
