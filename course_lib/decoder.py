@@ -62,6 +62,8 @@ def fuse(layers) -> nn.Module | None:
     if any(type(layer) is not kind for layer in layers):
         return None
     if kind is nn.Linear:
+        if any(type(lin.weight.data) is not torch.Tensor for lin in layers):  # torchao's quantized tensors
+            return None
         fused = nn.Linear(layers[0].in_features, sum(lin.out_features for lin in layers),
                           bias=layers[0].bias is not None, device=layers[0].weight.device,
                           dtype=layers[0].weight.dtype)

@@ -132,24 +132,27 @@ at::Tensor int4_weight_matmul(const at::Tensor& x_in, const at::Tensor& packed_i
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* sp = s.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t half = group_size / 2;
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    float w[64];  // one chunk of a row's weights, unpacked once for every row of x
     for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* row = pp + n * (K / 2);
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xm = xp + m * K;
-        float total = 0;
-        for (int64_t g = 0; g < G; ++g) {
-          const uint8_t* bytes = row + g * half;
-          const float* xg = xm + g * group_size;
-          float acc = 0;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t j = 0; j < half; ++j) {  // byte j: element 2j low nibble, 2j + 1 high nibble
-            acc += xg[2 * j] * float(int(bytes[j] & 15) - 8) + xg[2 * j + 1] * float(int(bytes[j] >> 4) - 8);
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        const float scale = sp[n * G + g];
+        for (int64_t c = 0; c < group_size; c += 64) {
+          const int64_t len = std::min<int64_t>(64, group_size - c), start = g * group_size + c;
+          const uint8_t* bytes = pp + n * (K / 2) + start / 2;
+          for (int64_t j = 0; j < len / 2; ++j) {  // byte j: element 2j low nibble, 2j + 1 high nibble
+            w[2 * j] = float(int(bytes[j] & 15) - 8);
+            w[2 * j + 1] = float(int(bytes[j] >> 4) - 8);
           }
-          total += acc * sp[n * G + g];
+          for (int64_t m = 0; m < M; ++m) {
+            const float* xm = xp + m * K + start;
+            float acc = 0;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t k = 0; k < len; ++k) acc += xm[k] * w[k];
+            yp[m * N + n] += acc * scale;
+          }
         }
-        yp[m * N + n] = total;
       }
     }
   });
