@@ -1,14 +1,18 @@
-"""End to end: SmolLM2-135M quantized by the course, by torchao and by bitsandbytes, in one run.
+"""End to end: SmolLM2-135M quantized by the course, by torchao and bitsandbytes, and run by llama.cpp, in one run.
 
-    python benchmarks/bench_end_to_end.py [--repeats 5] [--decode-steps 16] [--threads N] [--no-memory]
+    python benchmarks/bench_end_to_end.py [--batch 8] [--prompt-tokens 128] [--decode-steps 16]
+                                          [--repeats 5] [--threads N] [--no-memory] [--speedup graph|compile]
 
-Prefill: 8 sequences × 128 tokens of human text read into the KV cache (logits of the last position,
-as `generate` does). Decode: then `--decode-steps` greedy tokens for the 8 sequences. Every variant is
-built first; the repeats are interleaved (variant after variant, round after round), so a busy
-machine slows all of them alike; each figure is the median of its repeats, reported as a ratio to
-the baseline (FP32 on a CPU, BF16 on CUDA). Peak memory: each variant again in a fresh process,
-the peak resident memory during one prefill (CPU, Linux) or the peak CUDA memory allocated.
-lm_head (tied to the embedding) stays in float everywhere. Chapter 02 explains every variant.
+Prefill: `--batch` sequences × `--prompt-tokens` tokens of human text read into the KV cache (logits
+of the last position, as `generate` does). Decode: then `--decode-steps` greedy tokens for each
+sequence. The course's models run through `course_lib.decoder` (fused q/k/v and gate/up, a static
+cache; CUDA graphs on a GPU, or compiled with --speedup compile). With llama-cpp-python installed
+(pip install -e ".[engines]") and --batch 1, llama.cpp runs the teacher's own Q4_1 GGUF and the
+Q8_0 and F32 files its quantizer makes from it. Every variant is built first; the repeats are
+interleaved (variant after variant, round after round), so a busy machine slows all of them alike;
+each figure is the median of its repeats, reported as a ratio to the baseline (FP32 on a CPU, BF16
+on CUDA). Peak memory: each variant again in a fresh process, the peak resident memory during one
+prefill (CPU, Linux) or the peak CUDA memory allocated. Chapter 02 explains every variant.
 """
 from __future__ import annotations
 
@@ -24,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from course_lib.evaluate import human_corpus
-from course_lib.int8_inference import (activation_absmax, interleaved_speed, prefill_timing, quantize_model,
-                                       quantize_with_bitsandbytes, quantize_with_torchao, smooth_model,
-                                       token_batch)
+from course_lib.engines import INSTALL_HINT, llama_cpp_available, llama_cpp_gguf, llama_cpp_speed
+from course_lib.evaluate import Timing, decode_timing, human_corpus, prefill_timing, token_batch
+from course_lib.int8_inference import (activation_absmax, quantize_model, quantize_with_bitsandbytes,
+                                       quantize_with_torchao, smooth_model)
 from course_lib.models import load_teacher, weight_bytes
 from course_lib.runtime import pick_device, seed_everything
 
@@ -41,10 +45,12 @@ def _smoothquant(model, tokenizer):
 
 VARIANTS = {
     "course W8A16": lambda m, t: quantize_model(m, "w8a16"),
+    "course W8A16, lm_head too": lambda m, t: quantize_model(m, "w8a16", include_lm_head=True),
     "course W8A8": lambda m, t: quantize_model(m, "w8a8"),
+    "course W8A8, lm_head too": lambda m, t: quantize_model(m, "w8a8", include_lm_head=True),
+    "course W4A16": lambda m, t: quantize_model(m, "w4a16"),
     "course W8A8+SmoothQuant": _smoothquant,
     "course W8A8+LLM.int8": lambda m, t: quantize_model(m, "w8a8", outlier_threshold=6.0),
-    "course W8A8, lm_head too": lambda m, t: quantize_model(m, "w8a8", include_lm_head=True),
     "torchao W8A8": lambda m, t: quantize_with_torchao(m, "w8a8"),
     "torchao W8A16": lambda m, t: quantize_with_torchao(m, "w8a16"),
     "bitsandbytes LLM.int8 (6.0)": lambda m, t: quantize_with_bitsandbytes(m, 6.0),
@@ -92,7 +98,7 @@ def copy_out_of_memory_map(model) -> None:
 
 
 def variant_names(device: torch.device, chosen: list[str] | None, random_weights: bool = False) -> list[str]:
-    names = (["BF16", "FP32"] if device.type == "cuda" else ["FP32"]) + list(VARIANTS)  # baseline first
+    names = (["BF16", "FP32"] if device.type == "cuda" else ["FP32", "BF16"]) + list(VARIANTS)  # baseline first
     for name in list(names):
         package = name.split()[0]
         if package in ("torchao", "bitsandbytes"):
@@ -111,11 +117,11 @@ def variant_names(device: torch.device, chosen: list[str] | None, random_weights
     return names
 
 
-def prompts(tokenizer, device) -> torch.Tensor:
-    """8 x 128 tokens of human text (random token ids without a tokenizer)."""
+def prompts(tokenizer, device, batch: int = 8, length: int = 128) -> torch.Tensor:
+    """batch x length tokens of human text (random token ids without a tokenizer)."""
     if tokenizer is None:
-        return torch.randint(0, 49152, (8, 128), generator=torch.Generator().manual_seed(0)).to(device)
-    return token_batch(tokenizer, human_corpus(), batch_size=8, length=128).to(device)
+        return torch.randint(0, 49152, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
+    return token_batch(tokenizer, human_corpus(), batch_size=batch, length=length).to(device)
 
 
 def peak_memory(name: str, device: torch.device, random_weights: bool = False) -> float:
@@ -147,6 +153,9 @@ def peak_memory_in_subprocess(name: str, threads: int, random_weights: bool) -> 
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
+LLAMA_CPP_FILES = ("F32", "Q8_0", "Q4_1")
+
+
 def run(args) -> list[dict]:
     device = pick_device()
     names = variant_names(device, args.variants, args.random_weights)
@@ -154,38 +163,58 @@ def run(args) -> list[dict]:
     for name in names:
         print(f"building {name} ...", file=sys.stderr, flush=True)
         models[name], tokenizer = build(name, device, args.random_weights)
-    ids = prompts(tokenizer, device)
-    timings = interleaved_speed(models, ids, ids, args.decode_steps, args.repeats)
+    ids = prompts(tokenizer, device, args.batch, args.prompt_tokens)
+    engines = {}
+    if args.batch == 1 and device.type == "cpu" and not args.random_weights:
+        if llama_cpp_available():
+            engines = {f"llama.cpp {kind}": llama_cpp_gguf(kind) for kind in LLAMA_CPP_FILES}
+        else:
+            print(f"{INSTALL_HINT}: no llama.cpp rows", file=sys.stderr)
+    times = {name: {"prefill": [], "decode": []} for name in [*names, *engines]}
+    for round_ in range(args.repeats + 1):  # round 0 warms everything up
+        for name, model in models.items():
+            prefill = prefill_timing(model, ids, repeats=1, warmup=0).median
+            decode = decode_timing(model, ids, args.decode_steps, repeats=1, warmup=0, speedup=args.speedup).median
+            if round_:
+                times[name]["prefill"].append(prefill), times[name]["decode"].append(decode)
+        for name, path in engines.items():
+            timing = llama_cpp_speed(path, ids[0].cpu(), args.decode_steps, repeats=1, warmup=0)
+            if round_:
+                times[name]["prefill"].append(timing["prefill"].median)
+                times[name]["decode"].append(timing["decode"].median)
+    timings = {name: {phase: Timing.from_times(ts) for phase, ts in phases.items()} for name, phases in times.items()}
     base = names[0]
     rows = []
-    for name in names:
+    for name in timings:
         prefill, decode = timings[name]["prefill"].median, timings[name]["decode"].median
         rows.append({"variant": name, "prefill_s": prefill, "decode_s": decode,
                      "prefill_tok_s": ids.numel() / prefill,
                      "decode_tok_s": ids.shape[0] * args.decode_steps / decode,
                      "prefill_speedup": timings[base]["prefill"].median / prefill,
                      "decode_speedup": timings[base]["decode"].median / decode,
-                     "stored_mib": weight_bytes(models[name]) / 2**20})
+                     "stored_mib": (weight_bytes(models[name]) if name in models else engines[name].stat().st_size) / 2**20})
     if args.memory:
         del models
         gc.collect()
         for row in rows:
-            row["peak_mib"] = peak_memory_in_subprocess(row["variant"], args.threads, args.random_weights)
+            if not row["variant"].startswith("llama.cpp"):
+                row["peak_mib"] = peak_memory_in_subprocess(row["variant"], args.threads, args.random_weights)
     return rows
 
 
 def print_table(rows: list[dict], device: torch.device, args) -> None:
     weights = "random weights, " if args.random_weights else ""
-    print(f"\ndevice: {device} ({torch.get_num_threads()} threads), {weights}prefill 8x128, decode 8x{args.decode_steps}, "
+    print(f"\ndevice: {device} ({torch.get_num_threads()} threads), {weights}prefill {args.batch}x{args.prompt_tokens}, "
+          f"decode {args.batch}x{args.decode_steps}, "
           f"median of {args.repeats} interleaved repeats; speedup = baseline time / variant time; "
           f"peak = {'peak CUDA memory allocated' if device.type == 'cuda' else 'peak resident memory of the whole process'} "
           f"during one prefill")
-    head = f"{'variant':30s} {'prefill s':>10s} {'speedup':>8s} {'decode tok/s':>13s} {'speedup':>8s} {'stored MiB':>11s} {'peak MiB':>9s}"
+    head = f"{'variant':30s} {'prefill tok/s':>14s} {'speedup':>8s} {'decode tok/s':>13s} {'speedup':>8s} {'stored MiB':>11s} {'peak MiB':>9s}"
     print(head)
     print("-" * len(head))
     for r in rows:
         peak = f"{r['peak_mib']:9.0f}" if r.get("peak_mib") else f"{'-':>9s}"
-        print(f"{r['variant']:30s} {r['prefill_s']:10.3f} {r['prefill_speedup']:7.2f}x {r['decode_tok_s']:13.1f} "
+        print(f"{r['variant']:30s} {r['prefill_tok_s']:14.0f} {r['prefill_speedup']:7.2f}x {r['decode_tok_s']:13.1f} "
               f"{r['decode_speedup']:7.2f}x {r['stored_mib']:11.1f} {peak}")
 
 
@@ -193,6 +222,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8, help="sequences (llama.cpp runs at --batch 1)")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--speedup", choices=["eager", "graph", "compile"], default=None,
+                        help="how decode steps run (default: CUDA graphs on a GPU, eager on a CPU)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     parser.add_argument("--variants", nargs="*", help="only these (the baseline always runs)")

@@ -77,6 +77,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="quick GPU checks (gpu_check.py --quick)")
     parser.add_argument("--no-timings", action="store_true",
                         help=f"do not record the lecture notebooks' minutes in {timings.TIMINGS_FILE}")
+    parser.add_argument("--no-gpu-check", action="store_true",
+                        help="skip benchmarks/gpu_check.py on CUDA (it calls this script for chapters 03-06)")
     args = parser.parse_args()
     os.environ["COURSE_PROFILE"] = args.profile
     os.environ["COURSE_CHECKS_STRICT"] = "1"
@@ -86,7 +88,7 @@ def main() -> int:
     today = time.strftime("%Y-%m-%d")
     lines = [f"# Course report: profile {args.profile}", "", f"device: {device}; torch {torch.__version__}", ""]
     failed = 0
-    if torch.cuda.is_available():  # CUDA tests and GPU benchmarks: benchmarks/gpu_check.py
+    if torch.cuda.is_available() and not args.no_gpu_check:  # CUDA tests and GPU benchmarks: benchmarks/gpu_check.py
         code, seconds = run_command([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")]
                                     + (["--quick"] if args.quick else []),
                                     args.out / "gpu-check.log")

@@ -1,28 +1,30 @@
-"""Quantizing the real model: INT8 linear layers, SmoothQuant, and how fast the result runs (chapter 02).
+"""Quantizing the real model: INT8 and 4-bit linear layers, SmoothQuant, and the GGUF-free path to
+decode speed (chapter 02).
 
-    W8A16  y = x @ (W_q · s_w)^T                      INT8 weights, dequantized on the fly, float matmul
-    W8A8   y = (X_q @ W_q^T) · (s_x ⊗ s_w)           X_q per token on the fly, a real INT8 matmul
-                                                     (`torch._int_mm`, int32 accumulation), one dequantization
-    W4A16  y = x @ (W_q · s_g)^T                      4-bit weights, two a byte, one scale per group of g
+    W8A16  y = (x @ W_qᵀ) · s_w                     INT8 weights, float activations: computes in x's dtype
+                                                    (float32 on a CPU, bfloat16 on a GPU)
+    W8A8   y = (X_q @ W_qᵀ) · (s_x ⊗ s_w)          X_q per token on the fly, an INT8 matmul with int32
+                                                    sums, dequantized once in float32
+    W4A16  y = x @ (W_q · s_g)ᵀ                     4-bit weights, two a byte, one scale per group of g;
+                                                    computes in x's dtype
 
-`quantize_model` swaps a model's nn.Linear layers for these in place and reports the bytes saved;
-`smooth_model` applies SmoothQuant (Xiao et al. 2022) before W8A8. The math is in `course_lib.quant`.
+Scales are float32 and stay float32 when the model is cast (`model.to(torch.bfloat16)`). The
+matrix products are `course_lib.kernels`: loops that read each quantized weight byte once (decode)
+and torch's GEMMs (prefill, CUDA). `quantize_model` swaps a model's nn.Linear layers for these in
+place and reports the bytes; `smooth_model` applies SmoothQuant (Xiao et al. 2022) before W8A8.
+The math is in `course_lib.quant`; the decode loop that fuses q/k/v and gate/up is `course_lib.decoder`.
 """
 from __future__ import annotations
 
-import inspect
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .evaluate import Timing, benchmark, token_nll
+from .kernels import int4_weight_linear, int8_dynamic_linear, int8_weight_linear
 from .models import weight_bytes
-from .quant import absmax_quantize, dequantize, int8_matmul, int8_vectorwise_quant
+from .quant import absmax_quantize, int8_matmul, int8_vectorwise_quant
 
 MODES = ("w8a16", "w8a8", "w4a16")
 GRANULARITIES = ("channel", "tensor")
@@ -34,16 +36,41 @@ def _check_linear(linear) -> nn.Linear:
     return linear
 
 
+class _Float32Scales(nn.Module):
+    """A quantized layer whose `weight_scale` stays float32 when the module is cast to another
+    dtype (`.to(torch.bfloat16)`, `.half()`): only its device follows. Scales rounded to bfloat16
+    would shift every weight of a row by up to 0.4 %."""
+
+    def _apply(self, fn, recurse=True):
+        scale = self._buffers.pop("weight_scale")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["weight_scale"] = scale.to(fn(scale.reshape(-1)[:0]).device)
+        return self
+
+    @property
+    def quantized_weights(self) -> int:
+        """How many weights the layer stores quantized (`models.count_parameters` counts them)."""
+        return self.in_features * self.out_features
+
+    def _bias_for(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
 # ----------------------------------------------------------------------------- INT8 layers
 
-class Int8Linear(nn.Module):
+class Int8Linear(_Float32Scales):
     """nn.Linear with INT8 weights (absmax, per output channel or per tensor) and float32 scales.
 
-    mode="w8a16": the weights are dequantized on the fly and multiplied in the input's float dtype.
+    mode="w8a16": y = (x @ W_qᵀ) · s_w in x's dtype; the INT8 weights are read once and converted
+    on the fly (`kernels.int8_weight_linear`), never dequantized into a float copy.
     mode="w8a8": each token (row) of the input is absmax-quantized on the fly, the product is a real
-    INT8 matmul with int32 accumulation, dequantized once by the outer product of the scales.
+    INT8 matmul with int32 accumulation, dequantized once by the outer product of the scales; the
+    result is float32, cast back to x's dtype.
     With `outlier_threshold` (W8A8 only), LLM.int8(): input columns holding an |x| >= threshold are
-    multiplied in floating point instead (with the dequantized INT8 weights, as bitsandbytes does).
+    multiplied in floating point instead (with the dequantized INT8 weights, as bitsandbytes does);
+    finding those columns reads the device once per call (a host sync, as in bitsandbytes).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "w8a8",
@@ -75,49 +102,53 @@ class Int8Linear(nn.Module):
         layer.weight.copy_(q)
         layer.weight_scale.copy_(scale)
         if linear.bias is not None:
-            layer.bias.copy_(linear.bias)
+            layer.bias = linear.bias.detach().clone()
         return layer
 
+    @classmethod
+    @torch.no_grad()
+    def concat(cls, layers: Sequence["Int8Linear"]) -> "Int8Linear":
+        """One layer computing all of `layers` (same input, same mode) side by side: their INT8 rows
+        stacked, per-tensor scales spread over their rows. Exactly the same outputs, one call, one
+        quantization of the input (what `course_lib.decoder` does with q/k/v and gate/up)."""
+        first = layers[0]
+        if any(not isinstance(layer, Int8Linear) or (layer.in_features, layer.mode, layer.outlier_threshold)
+               != (first.in_features, first.mode, first.outlier_threshold) for layer in layers):
+            raise ValueError("concat needs Int8Linear layers with the same in_features, mode and outlier_threshold")
+        has_bias = any(layer.bias is not None for layer in layers)
+        fused = cls(first.in_features, sum(layer.out_features for layer in layers), has_bias, first.mode,
+                    "channel", first.outlier_threshold, device=first.weight.device)
+        fused.weight = torch.cat([layer.weight for layer in layers])
+        fused.weight_scale = torch.cat([layer.weight_scale.expand(layer.out_features, 1) for layer in layers])
+        if has_bias:
+            fused.bias = torch.cat([layer.bias if layer.bias is not None else
+                                    torch.zeros(layer.out_features, device=first.weight.device) for layer in layers])
+        return fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "w8a16":
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return F.linear(x, dequantize(self.weight, self.weight_scale).to(x.dtype), bias)
         rows = x.reshape(-1, self.in_features)
-        x_q, x_scale, columns = _quantize_tokens(x, rows, self.outlier_threshold)
+        if self.mode == "w8a16":
+            y = int8_weight_linear(rows, self.weight, self.weight_scale)
+        elif self.outlier_threshold is None:
+            y = int8_dynamic_linear(rows, self.weight, self.weight_scale)
+        else:
+            y = self._llm_int8(rows)
+        return self._bias_for(y).to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _llm_int8(self, rows: torch.Tensor) -> torch.Tensor:
+        """LLM.int8(): INT8 for the ordinary columns, float32 for the outlier columns."""
+        x_q, x_absmax, columns = int8_vectorwise_quant(rows, self.outlier_threshold)
         y = int8_matmul(x_q, self.weight.t()).float()
-        y.mul_(x_scale).mul_(self.weight_scale.view(1, -1))  # · (s_x ⊗ s_w), without building it
-        if columns is not None and columns.numel():
-            w_outliers = dequantize(self.weight[:, columns], self.weight_scale)
+        y.mul_((x_absmax / 127)[:, None]).mul_(self.weight_scale.view(1, -1))
+        if columns.numel():
+            w_outliers = self.weight[:, columns].float() * self.weight_scale.view(-1, 1)
             y.addmm_(rows[:, columns].float(), w_outliers.t())
-        if self.bias is not None:
-            y.add_(self.bias)
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y
 
     def extra_repr(self) -> str:
         extra = f", outlier_threshold={self.outlier_threshold}" if self.outlier_threshold else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, "
                 f"granularity={self.granularity}{extra}")
-
-
-_last_input: dict = {}
-
-
-def _quantize_tokens(x: torch.Tensor, rows: torch.Tensor, threshold: float | None):
-    """Per-token INT8 of the input rows (LLM.int8()'s version when `threshold`): (q, scale [M, 1],
-    outlier columns or None). q, k and v (and gate and up) read the very same tensor one after the
-    other, so it is quantized once and reused while its version counter says it is unchanged
-    (tensors made under torch.inference_mode have no such counter: they are quantized every time)."""
-    reusable = not x.is_inference()
-    if reusable and _last_input.get("x") is x and _last_input["key"] == (x._version, threshold):
-        return _last_input["value"]
-    if threshold:
-        x_q, x_absmax, columns = int8_vectorwise_quant(rows, threshold)
-        value = (x_q, (x_absmax / 127)[:, None], columns)
-    else:
-        value = (*absmax_quantize(rows, 8, dim=-1), None)
-    if reusable:
-        _last_input.update(x=x, key=(x._version, threshold), value=value)
-    return value
 
 
 # ----------------------------------------------------------------------------- 4-bit weights
@@ -139,16 +170,24 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return pairs.to(torch.int8) - 8
 
 
-class Int4Linear(nn.Module):
+def _check_group_size(group_size, in_features: int) -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2 \
+            or in_features % group_size:
+        raise ValueError(f"group_size must be an even positive integer that divides in_features={in_features} "
+                         f"(e.g. 32), got {group_size!r}")
+    return group_size
+
+
+class Int4Linear(_Float32Scales):
     """Weight-only 4-bit nn.Linear (W4A16): absmax per group of `group_size` weights along the
-    input dimension, two weights a byte, float32 scales; dequantized on the fly."""
+    input dimension, two weights a byte, float32 scales. y = x @ Wᵀ in x's dtype, the 4-bit weights
+    read once and converted on the fly (`kernels.int4_weight_linear`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 32,
                  device=None):
         super().__init__()
-        if in_features % group_size or group_size % 2:
-            raise ValueError(f"group_size must be even and divide in_features={in_features}, got {group_size}")
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size = _check_group_size(group_size, in_features)
         self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, in_features // group_size, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
@@ -163,12 +202,30 @@ class Int4Linear(nn.Module):
         layer.packed.copy_(pack_int4(q))
         layer.weight_scale.copy_(scale)
         if linear.bias is not None:
-            layer.bias.copy_(linear.bias)
+            layer.bias = linear.bias.detach().clone()
         return layer
 
+    @classmethod
+    @torch.no_grad()
+    def concat(cls, layers: Sequence["Int4Linear"]) -> "Int4Linear":
+        """One layer computing all of `layers` (same input, same group size) side by side."""
+        first = layers[0]
+        if any(not isinstance(layer, Int4Linear) or (layer.in_features, layer.group_size)
+               != (first.in_features, first.group_size) for layer in layers):
+            raise ValueError("concat needs Int4Linear layers with the same in_features and group_size")
+        has_bias = any(layer.bias is not None for layer in layers)
+        fused = cls(first.in_features, sum(layer.out_features for layer in layers), has_bias, first.group_size,
+                    device=first.packed.device)
+        fused.packed = torch.cat([layer.packed for layer in layers])
+        fused.weight_scale = torch.cat([layer.weight_scale for layer in layers])
+        if has_bias:
+            fused.bias = torch.cat([layer.bias if layer.bias is not None else
+                                    torch.zeros(layer.out_features, device=first.packed.device) for layer in layers])
+        return fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = dequantize(unpack_int4(self.packed), self.weight_scale)
-        return F.linear(x, weight.to(x.dtype), self.bias)
+        y = int4_weight_linear(x.reshape(-1, self.in_features), self.packed, self.weight_scale, self.group_size)
+        return self._bias_for(y).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
@@ -195,22 +252,35 @@ class QuantReport:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, mode: str = "w8a8", granularity: str = "channel",
-                   outlier_threshold: float | None = None, group_size: int = 32,
+def quantize_model(model: nn.Module, mode: str = "w8a8", granularity: str | None = None,
+                   outlier_threshold: float | None = None, group_size: int | None = None,
                    include_lm_head: bool = False) -> QuantReport:
-    """Swap every nn.Linear of `model` (in place) for an Int8Linear (mode "w8a16" or "w8a8") or an
-    Int4Linear ("w4a16", per group of `group_size`). The output layer `lm_head` stays in float unless
-    `include_lm_head` (it is tied to the embedding here, so quantizing it frees no memory)."""
+    """Swap every nn.Linear of `model` (in place) for an Int8Linear (mode "w8a16" or "w8a8", per
+    `granularity` "channel" (default) or "tensor", LLM.int8() with `outlier_threshold`) or an
+    Int4Linear ("w4a16", per group of `group_size`, default 32). An option that does not apply to
+    the mode is an error. The output layer `lm_head` stays in float unless `include_lm_head`: it is
+    tied to the embedding here, so its INT8 copy is stored beside the float embedding (the bytes
+    count it) — it costs 28 MB more memory and saves 85 MB of reads per decoded token."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    report = QuantReport(mode)
+    wrong = [name for name, value, modes in (("granularity", granularity, ("w8a16", "w8a8")),
+                                              ("outlier_threshold", outlier_threshold, ("w8a8",)),
+                                              ("group_size", group_size, ("w4a16",)))
+             if value is not None and mode not in modes]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)} does not apply to mode={mode!r}: granularity is for w8a16/w8a8, "
+                         "outlier_threshold for w8a8 (LLM.int8()), group_size for w4a16")
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and (include_lm_head or name.split(".")[-1] != "lm_head")]
+    if mode == "w4a16":  # checked for every layer before any is swapped
+        for _, linear in targets:
+            _check_group_size(32 if group_size is None else group_size, linear.in_features)
+    report = QuantReport(mode)
     for name, linear in targets:
         if mode == "w4a16":
-            quantized = Int4Linear.from_float(linear, group_size)
+            quantized = Int4Linear.from_float(linear, 32 if group_size is None else group_size)
         else:
-            quantized = Int8Linear.from_float(linear, mode, granularity, outlier_threshold)
+            quantized = Int8Linear.from_float(linear, mode, granularity or "channel", outlier_threshold)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, quantized)
         report.layers.append(name)
@@ -261,19 +331,30 @@ def quantize_with_bitsandbytes(model: nn.Module, threshold: float = 6.0) -> nn.M
 @torch.no_grad()
 def activation_absmax(model: nn.Module, tokenizer, texts: Sequence[str], max_length: int = 128,
                       batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Calibration: the largest |x| each nn.Linear's input channel sees over `texts` (name -> [K])."""
+    """Calibration: the largest |x| each nn.Linear's input channel sees over `texts` (name -> [K]),
+    over real tokens only (padding positions are left out: they are not text)."""
+    if isinstance(texts, str) or len(texts) == 0:
+        raise ValueError("texts must be a non-empty list of strings")
+    device = next(model.parameters()).device
     absmax: dict[str, torch.Tensor] = {}
+    real = {}  # the current batch's mask of real tokens, read by the hooks
 
     def record(name):
         def hook(module, inputs):
-            seen = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).abs().amax(dim=0).float()
+            x = inputs[0].detach()
+            seen = x[real["mask"]].abs().amax(dim=0).float() if x.dim() == 3 else \
+                x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
             absmax[name] = torch.maximum(absmax[name], seen) if name in absmax else seen
         return hook
 
     hooks = [module.register_forward_pre_hook(record(name)) for name, module in model.named_modules()
              if isinstance(module, nn.Linear)]
     try:
-        token_nll(model, tokenizer, texts, max_length, batch_size)
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
+                              truncation=True, max_length=max_length).to(device)
+            real["mask"] = batch["attention_mask"].bool()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
         for hook in hooks:
             hook.remove()
@@ -320,71 +401,3 @@ def smooth_model(model: nn.Module, x_absmax: dict[str, torch.Tensor], alpha: flo
     if count == 0:
         raise ValueError("found no Llama-style decoder layers (input_layernorm, self_attn, mlp) to smooth")
     return count
-
-
-# ----------------------------------------------------------------------------- speed
-
-def token_batch(tokenizer, texts: Sequence[str], batch_size: int, length: int) -> torch.Tensor:
-    """input_ids [batch_size, length] from the first texts that have at least `length` tokens (no padding)."""
-    rows = [ids[:length] for ids in tokenizer(list(texts))["input_ids"] if len(ids) >= length]
-    if len(rows) < batch_size:
-        raise ValueError(f"only {len(rows)} of the texts have {length} tokens; need {batch_size}")
-    return torch.tensor(rows[:batch_size])
-
-
-def _cache_keyword(model: nn.Module) -> str:
-    # transformers 5 renamed past_key_values to cache
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _output_cache(output):
-    return getattr(output, "cache", None) or output.past_key_values
-
-
-@torch.no_grad()
-def prefill_timing(model: nn.Module, input_ids: torch.Tensor, repeats: int = 3, warmup: int = 1) -> Timing:
-    """Seconds to read a prompt batch into the KV cache (logits of the last position only, as
-    `generate` does): the compute-bound phase. Median of `repeats`."""
-    return benchmark(lambda: model(input_ids=input_ids, use_cache=True, logits_to_keep=1), repeats, warmup)
-
-
-@torch.no_grad()
-def decode_timing(model: nn.Module, input_ids: torch.Tensor, steps: int = 16, repeats: int = 3,
-                  warmup: int = 1) -> Timing:
-    """Seconds for `steps` greedy one-token steps after an untimed prefill of `input_ids`: the
-    memory-bound phase, every weight read once per step. Median of `repeats`."""
-    if steps < 1 or repeats < 1 or warmup < 0:
-        raise ValueError(f"need steps >= 1, repeats >= 1, warmup >= 0; got {steps}, {repeats}, {warmup}")
-    keyword = _cache_keyword(model)
-    sync = torch.cuda.synchronize if input_ids.device.type == "cuda" else (lambda: None)
-    times = []
-    for run in range(warmup + repeats):
-        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-        sync()
-        start = time.perf_counter()
-        for _ in range(steps):
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            out = model(input_ids=token, use_cache=True, logits_to_keep=1, **{keyword: _output_cache(out)})
-        sync()
-        if run >= warmup:
-            times.append(time.perf_counter() - start)
-    return Timing(statistics.median(times), min(times), max(times), tuple(times))
-
-
-def interleaved_speed(models: dict[str, nn.Module], prompt_ids: torch.Tensor, decode_ids: torch.Tensor,
-                      decode_steps: int = 16, repeats: int = 3) -> dict[str, dict[str, Timing]]:
-    """Prefill and decode timings of several models, measured round-robin: one warm-up round, then
-    `repeats` rounds of every model in turn, so that a busy machine slows them all alike.
-    Returns {name: {"prefill": Timing, "decode": Timing}} (medians over the rounds)."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    times = {name: {"prefill": [], "decode": []} for name in models}
-    for round_ in range(repeats + 1):
-        for name, model in models.items():
-            prefill = prefill_timing(model, prompt_ids, repeats=1, warmup=0).median
-            decode = decode_timing(model, decode_ids, steps=decode_steps, repeats=1, warmup=0).median
-            if round_:  # round 0 warms every model up
-                times[name]["prefill"].append(prefill)
-                times[name]["decode"].append(decode)
-    return {name: {phase: Timing(statistics.median(ts), min(ts), max(ts), tuple(ts)) for phase, ts in phases.items()}
-            for name, phases in times.items()}

@@ -283,13 +283,16 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              batch_size: int = 16, system: str | None = None, chat: bool = True, seed: int | None = None,
              progress: bool = False, min_new_tokens: int | None = None) -> list[str]:
-    """One reply per prompt: chat template applied, batched with left padding, greedy by default.
+    """One reply per prompt: chat template applied, batched with left padding, greedy by default
+    (greedy decoding runs `course_lib.decoder`'s lean loop where it applies, `generate_tokens`).
 
     `do_sample=True` samples at `temperature` from the whole distribution, cut to `top_k` / `top_p`
     only when given (`sampling_settings`). `seed` makes the samples the same whatever the global seed,
     on a forked random stream: the caller's stream and the tokenizer are left as they were.
     `min_new_tokens` forbids ending earlier (for timing a fixed number of tokens)."""
     from tqdm.auto import tqdm
+
+    from .decoder import generate_tokens
 
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings; wrap a single prompt as [prompt]")
@@ -305,9 +308,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
             # generation appends on the right, so the prompts are padded on the left (this call only)
             batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
                               padding_side="left", add_special_tokens=False).to(device)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, **sampling)
-            new = out[:, batch["input_ids"].shape[1]:]
+            new = generate_tokens(model, batch, max_new_tokens, min_new_tokens, tokenizer.pad_token_id, sampling)
             replies.extend(s.strip() for s in tokenizer.batch_decode(new, skip_special_tokens=True))
     return replies
 
@@ -324,12 +325,16 @@ def sample_replies(model, tokenizer, prompts: Sequence[str], n: int, **sampling)
 # ----------------------------------------------------------------------------- sizes
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters, each shared (tied) tensor counted once."""
+    """Number of parameters, each shared (tied) tensor counted once; the weights a quantized layer
+    stores as INT8/INT4 buffers (its `quantized_weights`, chapter 02) count too — they are frozen,
+    so `trainable_only` leaves them out."""
     seen, total = set(), 0
     for p in model.parameters():
         if p.data_ptr() not in seen and (p.requires_grad or not trainable_only):
             seen.add(p.data_ptr())
             total += p.numel()
+    if not trainable_only:
+        total += sum(getattr(module, "quantized_weights", 0) for module in model.modules())
     return total
 
 

@@ -12,8 +12,7 @@ from typing import Sequence
 import torch
 
 from .distill import response_metrics
-from .evaluate import perplexity
-from .int8_inference import decode_timing, prefill_timing
+from .evaluate import decode_timing, perplexity, prefill_timing
 from .models import count_parameters, weight_bytes
 from .self_improve import Question, answer_questions, score
 

@@ -176,3 +176,14 @@ def test_contract_names_reach_the_other_modules():
     assert quant.decode_gguf_blocks is decode_gguf_blocks
     with pytest.raises(AttributeError):
         quant.no_such_name
+
+
+def test_tiny_absmax_gets_a_floor_not_an_infinite_scale():
+    from course_lib.quant import absmax_quantize_rows
+
+    x = torch.tensor([[1e-40, -5e-41, 0.0], [0.0, 0.0, 0.0], [3.0, -1.5, 0.5]])
+    q, scale = absmax_quantize(x, 8, dim=-1)
+    assert torch.isfinite(scale).all() and scale.min() >= torch.finfo(torch.float32).eps
+    assert q[0].abs().max() <= 1 and (q[1] == 0).all() and q[2, 0] == 127
+    q_rows, scale_rows = absmax_quantize_rows(x)  # the layers' version: the same numbers
+    assert torch.equal(q_rows, q) and torch.equal(scale_rows, scale)

@@ -5,7 +5,7 @@ matplotlib.use("Agg")
 
 from course_lib.distill import kd_batches, with_teacher_logits
 from course_lib.evaluate import human_corpus
-from course_lib.int8_inference import token_batch
+from course_lib.evaluate import token_batch
 from course_lib.models import make_student
 from course_lib.self_improve import addition_questions
 from course_lib.staircase import Yardsticks, measure_stair, plot_quality_vs_size, smallest_within

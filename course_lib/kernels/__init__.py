@@ -1,0 +1,120 @@
+"""The course's own CPU kernels for quantized weights (chapter 02): compiled once, on first use.
+
+`quantized_matmul.cpp` (beside this file, 150 lines) holds three loops that read each quantized
+weight byte once — INT8 weights × float32 activations, INT8 × INT8 with int32 sums, and 4-bit
+weights × float32 activations. They are compiled for the machine at hand (g++ -O3 -march=native,
+about 40 s, once) into the course cache and registered as `torch.ops.course_kernels.*`.
+
+`available()` says whether they are there; without a C++ compiler (or with COURSE_KERNELS=off) the
+INT8 layers use plain torch operations instead: the same numbers, more slowly.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("quantized_matmul.cpp")
+
+
+def _machine_key() -> str:
+    """Source, torch, Python and CPU features: a build made for one of them never loads on another."""
+    flags = ""
+    if Path("/proc/cpuinfo").is_file():
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    parts = [SOURCE.read_text(), torch.__version__, sys.version, platform.machine(), flags]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _compile(out: Path) -> None:
+    from torch.utils import cpp_extension
+
+    torch_lib = Path(torch.__file__).parent / "lib"
+    command = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+               *[f"-I{p}" for p in cpp_extension.include_paths()], f"-I{sysconfig.get_paths()['include']}",
+               str(SOURCE), "-o", str(out), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch",
+               f"-Wl,-rpath,{torch_lib}"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+
+
+@cache  # the compiled library, loaded once per process like an import
+def available() -> bool:
+    """True when `torch.ops.course_kernels` is loaded: built now (once per machine) or from the cache."""
+    if os.environ.get("COURSE_KERNELS", "on").lower() in ("off", "0", "false") or platform.system() == "Windows":
+        return False
+    from ..runtime import cache_dir
+
+    folder = cache_dir() / "kernels" / f"quantized_matmul-{_machine_key()}"
+    library = folder / "course_kernels.so"
+    if not library.is_file():
+        print("[course_lib] compiling the course's INT8/INT4 CPU kernels (once for this machine, about 40 s)",
+              file=sys.stderr, flush=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=folder.parent))
+        try:
+            _compile(tmp / "course_kernels.so")
+            os.replace(tmp, folder)  # atomic: the cache holds a whole build or none
+        except OSError:
+            if not library.is_file():  # not a concurrent build that got there first
+                raise
+        except Exception as error:  # no compiler, or one that fails: plain torch operations instead
+            print(f"[course_lib] could not compile the CPU kernels; using plain torch operations "
+                  f"(same numbers, slower): {str(error).strip().splitlines()[-1:]}", file=sys.stderr, flush=True)
+            return False
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    torch.ops.load_library(str(library))
+    return True
+
+
+# ----------------------------------------------------------------------------- the matmuls the layers call
+# Each takes the fast loop on a CPU with float32 activations and few rows (decode), and plain torch
+# operations otherwise (prefill, CUDA, other dtypes). No argument checks here: the layers check
+# once, when they are built (from_float, quantize_model).
+
+FEW_ROWS = 16  # up to this many tokens the weight-reading loops win; above, torch's GEMMs do
+
+
+def _fast(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= FEW_ROWS and available()
+
+
+def int8_weight_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W8A16: x [M, K] (float) @ (q · scale)ᵀ with q int8 [N, K] and float32 scale [N, 1] or [],
+    computed in x's dtype (the INT8 weights are converted to it on the fly): [M, N]."""
+    if _fast(x):
+        return torch.ops.course_kernels.int8_weight_matmul(x, q, scale.expand(q.shape[0], 1))
+    return torch.nn.functional.linear(x, q.to(x.dtype)) * scale.view(1, -1).to(x.dtype)
+
+
+def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W8A8: every row of x [M, K] absmax-quantized to INT8, an INT8 × INT8 product with int32
+    sums, dequantized by s_x ⊗ s_w: float32 [M, N] (whatever x's dtype)."""
+    if _fast(x):
+        return torch.ops.course_kernels.int8_dynamic_matmul(x, q, scale.expand(q.shape[0], 1))
+    from ..quant import absmax_quantize_rows, int8_matmul
+
+    x_q, x_scale = absmax_quantize_rows(x.float())
+    return int8_matmul(x_q, q.t()).float().mul_(x_scale).mul_(scale.view(1, -1))
+
+
+def int4_weight_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """W4A16: x [M, K] (float) @ Wᵀ with W = (nibble − 8) · scale per group, two weights a byte
+    (packed uint8 [N, K/2], float32 scale [N, K/group_size]), computed in x's dtype: [M, N]."""
+    if _fast(x):
+        return torch.ops.course_kernels.int4_weight_matmul(x, packed, scale, group_size)
+    nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2).to(x.dtype) - 8
+    weight = (nibbles.unflatten(-1, (-1, group_size)) * scale.to(x.dtype)[..., None]).flatten(-2)
+    return torch.nn.functional.linear(x, weight)

@@ -1,0 +1,169 @@
+// Matrix products that read quantized weights once, for a CPU (chapter 02, course_lib.kernels).
+//
+// Decode multiplies a few activation rows by every weight of the model: the time goes into reading
+// the weights from memory, so a layer runs at the speed of its weight bytes only if the kernel reads
+// each byte once and converts it on the fly. These loops do that; the compiler turns each inner
+// loop into vector instructions for the machine it is built on (-march=native, `omp simd`).
+// Four output rows at a time: four independent sums keep the vector units busy.
+//
+//   int8_weight_matmul   y[m, n] = s[n] · Σ_k x[m, k] · q[n, k]          (float32 x, INT8 q)
+//   int8_int8_matmul     y[m, n] = Σ_k a[m, k] · q[n, k]  (exact int32)   (INT8 a, INT8 q)
+//   int8_dynamic_matmul  W8A8: x's rows quantized to INT8 on the fly, int8_int8_matmul, dequantized
+//   int4_weight_matmul   y[m, n] = Σ_g s[n, g] · Σ_{k in g} x[m, k] · (nibble[n, k] − 8)
+//
+// The plain references they are tested against: dequantize and F.linear, and torch._int_mm.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace {
+
+constexpr int64_t kRows = 4;  // output rows per step
+
+void check(const at::Tensor& x, const at::Tensor& w, at::ScalarType xtype, at::ScalarType wtype,
+           int64_t k_of_w) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "course_kernels: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == k_of_w, "course_kernels: need x [M, K] and a weight for K");
+  TORCH_CHECK(x.scalar_type() == xtype && w.scalar_type() == wtype, "course_kernels: wrong dtypes");
+}
+
+// y[m, n] = Σ_k x[m, k] · q[n, k] for every row m of x, summed in Acc (float, or int32: exact).
+template <typename X, typename Acc>
+void rows_times_int8(const X* x, const int8_t* q, int64_t M, int64_t K, int64_t N, Acc* y) {
+  at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin * kRows; n < std::min(end * kRows, N); n += kRows) {
+      if (n + kRows > N) {  // the last rows, one at a time
+        for (int64_t r = n; r < N; ++r)
+          for (int64_t m = 0; m < M; ++m) {
+            Acc acc = 0;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t k = 0; k < K; ++k) acc += Acc(x[m * K + k]) * Acc(q[r * K + k]);
+            y[m * N + r] = acc;
+          }
+        break;
+      }
+      const int8_t *q0 = q + n * K, *q1 = q0 + K, *q2 = q1 + K, *q3 = q2 + K;
+      for (int64_t m = 0; m < M; ++m) {
+        const X* xm = x + m * K;
+        Acc s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int64_t k = 0; k < K; ++k) {
+          const Acc v = xm[k];
+          s0 += v * Acc(q0[k]);
+          s1 += v * Acc(q1[k]);
+          s2 += v * Acc(q2[k]);
+          s3 += v * Acc(q3[k]);
+        }
+        Acc* ym = y + m * N + n;
+        ym[0] = s0, ym[1] = s1, ym[2] = s2, ym[3] = s3;
+      }
+    }
+  });
+}
+
+at::Tensor int8_weight_matmul(const at::Tensor& x_in, const at::Tensor& q_in, const at::Tensor& s_in) {
+  auto x = x_in.contiguous(), q = q_in.contiguous(), s = s_in.contiguous();
+  check(x, q, at::kFloat, at::kChar, q.size(1));
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  TORCH_CHECK(s.numel() == N && s.scalar_type() == at::kFloat, "course_kernels: one float32 scale per row");
+  auto y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  rows_times_int8(x.data_ptr<float>(), q.data_ptr<int8_t>(), M, K, N, yp);
+  const float* sp = s.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) yp[m * N + n] *= sp[n];
+  return y;
+}
+
+at::Tensor int8_int8_matmul(const at::Tensor& a_in, const at::Tensor& q_in) {
+  auto a = a_in.contiguous(), q = q_in.contiguous();
+  check(a, q, at::kChar, at::kChar, q.size(1));
+  const int64_t M = a.size(0), K = a.size(1), N = q.size(0);
+  auto y = at::empty({M, N}, a.options().dtype(at::kInt));
+  rows_times_int8(a.data_ptr<int8_t>(), q.data_ptr<int8_t>(), M, K, N, y.data_ptr<int32_t>());
+  return y;
+}
+
+// W8A8 in one call: each row of x absmax-quantized to INT8 (q = round(x · 127 / max|x|), the same
+// float32 operations as course_lib.quant.absmax_quantize_rows), the exact int32 product, then
+// y = acc · (s_x ⊗ s_w) in float32.
+at::Tensor int8_dynamic_matmul(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& w_scale_in) {
+  auto x = x_in.contiguous(), w_scale = w_scale_in.contiguous();
+  check(x, q, at::kFloat, at::kChar, q.size(1));
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  TORCH_CHECK(w_scale.numel() == N && w_scale.scalar_type() == at::kFloat, "course_kernels: one float32 scale per row");
+  auto a = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto x_scale = at::empty({M}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* ap = a.data_ptr<int8_t>();
+  float* sp = x_scale.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    float absmax = 0;
+    for (int64_t k = 0; k < K; ++k) absmax = std::max(absmax, std::fabs(xp[m * K + k]));
+    absmax = absmax == 0 ? 1.f : std::max(absmax, 127.f * std::numeric_limits<float>::epsilon());
+    const float inverse = (1.f / absmax) * 127.f;  // as torch computes 127 / absmax: a reciprocal, then a product
+    for (int64_t k = 0; k < K; ++k) ap[m * K + k] = int8_t(std::nearbyint(xp[m * K + k] * inverse));
+    sp[m] = absmax / 127.f;
+  }
+  auto acc = int8_int8_matmul(a, q);
+  auto y = at::empty({M, N}, x.options());
+  const int32_t* accp = acc.data_ptr<int32_t>();
+  const float* wp = w_scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) yp[m * N + n] = float(accp[m * N + n]) * sp[m] * wp[n];
+  return y;
+}
+
+at::Tensor int4_weight_matmul(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& s_in,
+                              int64_t group_size) {
+  auto x = x_in.contiguous(), packed = packed_in.contiguous(), s = s_in.contiguous();
+  check(x, packed, at::kFloat, at::kByte, 2 * packed.size(1));
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), G = K / group_size;
+  TORCH_CHECK(group_size % 2 == 0 && K % group_size == 0 && s.scalar_type() == at::kFloat && s.numel() == N * G,
+              "course_kernels: float32 scales [N, K / group_size] for an even group_size that divides K");
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* sp = s.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    float w[64];  // one chunk of a row's weights, unpacked once for every row of x
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        const float scale = sp[n * G + g];
+        for (int64_t c = 0; c < group_size; c += 64) {
+          const int64_t len = std::min<int64_t>(64, group_size - c), start = g * group_size + c;
+          const uint8_t* bytes = pp + n * (K / 2) + start / 2;
+          for (int64_t j = 0; j < len / 2; ++j) {  // byte j: element 2j low nibble, 2j + 1 high nibble
+            w[2 * j] = float(int(bytes[j] & 15) - 8);
+            w[2 * j + 1] = float(int(bytes[j] >> 4) - 8);
+          }
+          for (int64_t m = 0; m < M; ++m) {
+            const float* xm = xp + m * K + start;
+            float acc = 0;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t k = 0; k < len; ++k) acc += xm[k] * w[k];
+            yp[m * N + n] += acc * scale;
+          }
+        }
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(course_kernels, m) {
+  m.def("int8_weight_matmul(Tensor x, Tensor q, Tensor scale) -> Tensor", &int8_weight_matmul);
+  m.def("int8_int8_matmul(Tensor a, Tensor q) -> Tensor", &int8_int8_matmul);
+  m.def("int8_dynamic_matmul(Tensor x, Tensor q, Tensor w_scale) -> Tensor", &int8_dynamic_matmul);
+  m.def("int4_weight_matmul(Tensor x, Tensor packed, Tensor scale, int group_size) -> Tensor", &int4_weight_matmul);
+}

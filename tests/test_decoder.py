@@ -1,0 +1,186 @@
+"""course_lib.decoder: the lean decode loop agrees with transformers on float, quantized and LoRA models."""
+import copy
+
+import pytest
+import torch
+
+from course_lib import kernels
+from course_lib.decoder import Decoder, fuse, supports
+from course_lib.evaluate import Timing, decode_timing, prefill_timing
+from course_lib.int8_inference import Int8Linear, quantize_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def _prompts():
+    ids = torch.randint(1, 96, (3, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding, as generate pads
+    mask[2, :1] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("mode", [None, "w8a16", "w8a8", "w4a16"])
+def test_decoder_matches_transformers(mode):
+    model = _tiny_llama()
+    if mode:
+        quantize_model(model, mode)
+    ids, mask = _prompts()
+    decoder = Decoder(model, 3, 20)
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask).logits[:, -1]
+        assert torch.allclose(decoder.prefill(ids, mask), reference, atol=1e-4)
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(decoder.greedy(ids, 8, mask), expected[:, 10:])
+
+
+def test_fused_projections_quantize_each_activation_once(monkeypatch):
+    import course_lib.int8_inference as module
+
+    model = _tiny_llama()
+    quantize_model(model, "w8a8")
+    calls = []
+    real = module.int8_dynamic_linear
+    monkeypatch.setattr(module, "int8_dynamic_linear", lambda *a: calls.append(a[1].shape) or real(*a))
+    decoder = Decoder(model, 1, 8)
+    decoder.prefill(torch.randint(0, 96, (1, 4)))
+    calls.clear()
+    decoder.step(torch.tensor([[5]]))
+    # per layer: q/k/v fused (64 + 32 + 32 rows), o, gate/up fused (128 + 128), down: 4 calls, not 7
+    assert len(calls) == 2 * 4
+    assert calls[0] == (128, 64) and calls[2] == (256, 64)
+
+
+def test_decoder_rebuilds_when_the_model_changes():
+    model = _tiny_llama()
+    ids = torch.randint(0, 96, (1, 6))
+    decoder = Decoder(model, 1, 10)
+    before = decoder.prefill(ids)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight.mul_(3)  # in place: a training step does this
+        expected = model(ids).logits[:, -1]
+    assert not torch.allclose(before, expected)
+    assert torch.allclose(decoder.prefill(ids), expected, atol=1e-4)
+    quantize_model(model, "w8a16")  # layers swapped
+    with torch.no_grad():
+        assert torch.allclose(decoder.prefill(ids), model(ids).logits[:, -1], atol=1e-4)
+
+
+def test_decoder_runs_lora_layers_unfused():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                     init_lora_weights=False)).eval()
+    ids, mask = _prompts()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+    assert supports(model) == (True, "")
+    assert torch.allclose(Decoder(model, 3, 16).prefill(ids, mask), expected, atol=1e-4)
+
+
+def test_fuse_and_what_the_decoder_does_not_support():
+    model = _tiny_llama()
+    attn = model.model.layers[0].self_attn
+    fused = fuse([attn.q_proj, attn.k_proj])
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), torch.cat([attn.q_proj(x), attn.k_proj(x)], -1))
+    assert fuse([attn.q_proj, Int8Linear.from_float(attn.k_proj)]) is None
+    assert not supports(torch.nn.Linear(2, 2))[0]
+    assert "training" in supports(_tiny_llama().train())[1]
+    with pytest.raises(ValueError, match="cannot run"):
+        Decoder(torch.nn.Linear(2, 2), 1, 4)
+    with pytest.raises(ValueError, match="input_ids"):
+        Decoder(model, 2, 8).prefill(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_timings_use_the_decoder_and_fall_back_to_transformers(monkeypatch):
+    import course_lib.decoder as decoder_module
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 96, (2, 6))
+    for fallback in (False, True):
+        if fallback:
+            monkeypatch.setattr(decoder_module, "supports", lambda m: (False, "test"))
+        timing = decode_timing(model, ids, steps=3, repeats=2, warmup=0)
+        assert isinstance(timing, Timing) and len(timing.times) == 2 and timing.median > 0
+        assert prefill_timing(model, ids, repeats=1, warmup=0).median > 0
+
+
+def test_timing_from_times():
+    timing = Timing.from_times([3.0, 1.0, 2.0])
+    assert (timing.median, timing.low, timing.high, timing.times) == (2.0, 1.0, 3.0, (3.0, 1.0, 2.0))
+    with pytest.raises(ValueError, match="empty"):
+        Timing.from_times([])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["w8a16", "w8a8", "w4a16"])
+def test_teacher_decode_with_the_kernels_matches_the_reference(teacher, mode):
+    """The decode path (the compiled loops, few rows) against the plain torch path, on the teacher."""
+    from course_lib.evaluate import human_corpus, token_batch
+
+    model, tokenizer = teacher
+    quantized = copy.deepcopy(model)
+    quantize_model(quantized, mode)
+    ids = token_batch(tokenizer, human_corpus(), 2, 24)
+    fast = Decoder(quantized, 2, 40).greedy(ids, 12)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "_fast", lambda x: False)
+        plain = Decoder(quantized, 2, 40).greedy(ids, 12)
+    assert torch.equal(fast, plain)
+
+
+def test_generate_tokens_is_transformers_greedy_and_falls_back_for_sampling():
+    from course_lib.decoder import generate_tokens
+
+    model = _tiny_llama()
+    model.generation_config.eos_token_id = 7
+    ids, mask = _prompts()
+    batch = {"input_ids": ids, "attention_mask": mask}
+    greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    with torch.no_grad():
+        expected = model.generate(**batch, max_new_tokens=12, min_new_tokens=3, pad_token_id=0, **greedy)[:, 10:]
+    ours = generate_tokens(model, batch, 12, 3, 0, greedy)
+    assert torch.equal(ours[:, :expected.shape[1]], expected) and (ours[:, expected.shape[1]:] == 0).all()
+    torch.manual_seed(0)
+    sampled = generate_tokens(model, batch, 4, None, 0, {"do_sample": True, "temperature": 1.0, "top_p": None})
+    assert sampled.shape == (3, 4)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("speedup", ["graph", "compile"])
+@pytest.mark.parametrize("mode", [None, "w8a16", "w8a8"])
+def test_decoder_steps_as_cuda_graphs_match_eager(speedup, mode):
+    model = _tiny_llama().cuda().to(torch.bfloat16)
+    if mode:
+        quantize_model(model, mode)
+    ids, mask = (t.cuda() for t in _prompts())
+    eager = Decoder(model, 3, 24).greedy(ids, 10, mask)
+    fast = Decoder(model, 3, 24, speedup=speedup)
+    assert torch.equal(fast.greedy(ids, 10, mask), eager)
+    assert torch.equal(fast.greedy(ids, 10, mask), eager)  # the recorded graph, replayed for a new prompt
+    timing = decode_timing(model, ids, steps=4, repeats=2, warmup=1)
+    assert timing.median > 0
+
+
+@cuda
+@pytest.mark.cuda
+def test_crossover_runs_on_cuda():
+    from course_lib.crossover import int8_crossover
+
+    rows = int8_crossover(widths=(256, 512), steps=4, repeats=1)
+    assert rows[0]["baseline"] == "BF16" and all(r["w8a8 tok/s"] > 0 for r in rows)
