@@ -4,12 +4,15 @@ One table: each case is (what the student did, the call, the error type, words i
 contain). The calls run on a tiny random Llama with the teacher's tokenizer, so the table is fast.
 README.md's troubleshooting lists the messages a student could meet.
 """
+import copy
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from course_lib import distill, dpo, evaluate, gguf_blocks, judge, models, preference_data, quant, reward_model, train
+from course_lib.int8_inference import Int4Linear, Int8Linear, quantize_model
 from course_lib.runtime import seeded
 
 SUM = preference_data.PreferencePrompt("What is 3 plus 4?", "arithmetic", "7")
@@ -157,6 +160,34 @@ CASES = [
     ("GGUF blocks of an unknown format",
      lambda c: gguf_blocks.decode_gguf_blocks(torch.zeros(34, dtype=torch.uint8), "Q5_K"),
      ValueError, ["qtype", "Q8_0"]),
+    # INT8 and 4-bit layers, and the speed measurements
+    ("4-bit groups of size 0", lambda c: Int4Linear.from_float(nn.Linear(64, 8), group_size=0),
+     ValueError, ["group_size"]),
+    ("4-bit groups of a negative size", lambda c: Int4Linear.from_float(nn.Linear(64, 8), group_size=-32),
+     ValueError, ["group_size"]),
+    ("4-bit groups that do not divide the row", lambda c: Int4Linear.from_float(nn.Linear(64, 8), group_size=24),
+     ValueError, ["divides in_features"]),
+    ("4-bit groups of an odd size", lambda c: Int4Linear(64, 8, group_size=3), ValueError, ["even"]),
+    ("an outlier threshold with 4-bit weights",
+     lambda c: quantize_model(copy.deepcopy(c.model), "w4a16", outlier_threshold=6.0), ValueError, ["outlier_threshold"]),
+    ("a per-tensor scale with 4-bit weights",
+     lambda c: quantize_model(copy.deepcopy(c.model), "w4a16", granularity="tensor"), ValueError, ["granularity"]),
+    ("an outlier threshold without INT8 activations",
+     lambda c: quantize_model(copy.deepcopy(c.model), "w8a16", outlier_threshold=6.0), ValueError, ["w8a8"]),
+    ("a group size with INT8 weights", lambda c: quantize_model(copy.deepcopy(c.model), "w8a8", group_size=32),
+     ValueError, ["group_size"]),
+    ("4-bit groups of size 0 for a whole model", lambda c: quantize_model(copy.deepcopy(c.model), "w4a16", group_size=0),
+     ValueError, ["group_size"]),
+    ("a quantization mode that does not exist", lambda c: quantize_model(copy.deepcopy(c.model), "int3"),
+     ValueError, ["mode"]),
+    ("an outlier threshold on a W8A16 layer",
+     lambda c: Int8Linear.from_float(nn.Linear(64, 8), "w8a16", outlier_threshold=6.0), ValueError, ["outlier_threshold"]),
+    ("quantizing a layer that is not nn.Linear", lambda c: Int8Linear.from_float(nn.Conv1d(2, 2, 1)),
+     TypeError, ["nn.Linear"]),
+    ("timing zero decode steps", lambda c: evaluate.decode_timing(c.model, torch.zeros(2, 4, dtype=torch.long), steps=0),
+     ValueError, ["steps"]),
+    ("timing a prefill of a flat tensor", lambda c: evaluate.prefill_timing(c.model, torch.zeros(4)),
+     ValueError, ["input_ids"]),
 ]
 
 

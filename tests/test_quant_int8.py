@@ -345,32 +345,6 @@ def test_activation_absmax_ignores_padding(teacher_free_tokenizer):
         assert padded[name].max() < 1e3
 
 
-# Bad input: (the call, the error type, words its message must contain). The lead merges this table
-# with tests/test_bad_inputs.py, which uses the same format.
-BAD_INPUTS = [
-    (lambda: Int4Linear.from_float(_linear(), group_size=0), ValueError, "group_size"),
-    (lambda: Int4Linear.from_float(_linear(), group_size=-32), ValueError, "group_size"),
-    (lambda: Int4Linear.from_float(_linear(), group_size=24), ValueError, "divides in_features"),
-    (lambda: Int4Linear(64, 8, group_size=3), ValueError, "even"),
-    (lambda: quantize_model(_tiny_llama(), "w4a16", outlier_threshold=6.0), ValueError, "outlier_threshold"),
-    (lambda: quantize_model(_tiny_llama(), "w4a16", granularity="tensor"), ValueError, "granularity"),
-    (lambda: quantize_model(_tiny_llama(), "w8a16", outlier_threshold=6.0), ValueError, "w8a8"),
-    (lambda: quantize_model(_tiny_llama(), "w8a8", group_size=32), ValueError, "group_size"),
-    (lambda: quantize_model(_tiny_llama(), "w4a16", group_size=0), ValueError, "group_size"),
-    (lambda: quantize_model(_tiny_llama(), "int3"), ValueError, "mode"),
-    (lambda: Int8Linear.from_float(_linear(), "w8a16", outlier_threshold=6.0), ValueError, "outlier_threshold"),
-    (lambda: Int8Linear.from_float(nn.Conv1d(2, 2, 1)), TypeError, "nn.Linear"),
-    (lambda: decode_timing(_tiny_llama(), torch.zeros(2, 4, dtype=torch.long), steps=0), ValueError, "steps"),
-    (lambda: prefill_timing(_tiny_llama(), torch.zeros(4)), ValueError, "input_ids"),
-]
-
-
-@pytest.mark.parametrize("call, error, words", BAD_INPUTS)
-def test_bad_input_gets_a_clear_error(call, error, words):
-    with pytest.raises(error, match=words):
-        call()
-
-
 def test_quantize_model_checks_every_layer_before_swapping_any():
     model = _tiny_llama()
     with pytest.raises(ValueError, match="group_size"):
