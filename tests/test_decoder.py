@@ -36,9 +36,11 @@ def test_decoder_matches_transformers(mode):
         quantize_model(model, mode)
     ids, mask = _prompts()
     decoder = Decoder(model, 3, 20)
+    # W8A8: an activation one rounding apart (another attention kernel) can land on the next INT8 step
+    atol = 2e-3 if mode == "w8a8" else 1e-4
     with torch.no_grad():
         reference = model(ids, attention_mask=mask).logits[:, -1]
-        assert torch.allclose(decoder.prefill(ids, mask), reference, atol=1e-4)
+        assert torch.allclose(decoder.prefill(ids, mask), reference, atol=atol)
         expected = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(decoder.greedy(ids, 8, mask), expected[:, 10:])
 
