@@ -77,6 +77,24 @@ def test_decoder_rebuilds_when_the_model_changes():
         assert torch.allclose(decoder.prefill(ids), model(ids).logits[:, -1], atol=1e-4)
 
 
+def test_fused_layers_are_built_once_and_kept_on_the_model():
+    import copy
+
+    from course_lib.decoder import KEPT
+
+    model = _tiny_llama()
+    first = Decoder(model, 1, 10)
+    assert Decoder(model, 2, 12).layers[0]["qkv"] is first.layers[0]["qkv"]  # no second copy of the weights
+    assert KEPT not in dict(model.named_modules()) and not any(KEPT in k for k in model.state_dict())
+    twin = copy.deepcopy(model)  # a copy starts without them: its own weights get their own fused layers
+    assert Decoder(twin, 1, 10).layers[0]["qkv"] is not first.layers[0]["qkv"]
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(1)
+    assert Decoder(model, 1, 10).layers[0]["gate_up"] is not first.layers[0]["gate_up"]
+    model.to(torch.float64)  # new tensors, new fused layers (the cache in the new dtype)
+    assert Decoder(model, 1, 10).layers[0]["qkv"].weight.dtype == torch.float64
+
+
 def test_decoder_runs_lora_layers_unfused():
     from peft import LoraConfig, get_peft_model
 

@@ -53,9 +53,11 @@ def matmul_path(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("int8_gemm", [True, False])
 @pytest.mark.parametrize("rows", [1, 3, 8, 40])
-def test_w8a8_is_the_by_hand_int8_product_exactly(matmul_path, rows):
+def test_w8a8_is_the_by_hand_int8_product_exactly(matmul_path, rows, int8_gemm):
     layer = Int8Linear.from_float(_linear(k=64, n=50), "w8a8")  # 50 rows: not a multiple of 4
+    layer.int8_gemm = int8_gemm  # False: a CPU without INT8 dot products sums them in a float32 GEMM
     x = torch.randn(rows, 64)
     x[0] *= 1e-30  # a tiny token gets the floor, not an infinite scale
     with torch.no_grad():
@@ -68,8 +70,9 @@ def test_w8a8_is_the_by_hand_int8_product_exactly(matmul_path, rows):
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])
-def test_w8a16_and_w4a16_match_the_dequantized_reference(matmul_path, rows):
-    linear = _linear(k=96, n=42)
+@pytest.mark.parametrize("n", [42, 300])  # 300: blocks of 128 rows and a last, shorter one (prefill)
+def test_w8a16_and_w4a16_match_the_dequantized_reference(matmul_path, rows, n):
+    linear = _linear(k=96, n=n)
     x = torch.randn(rows, 96)
     int8 = Int8Linear.from_float(linear, "w8a16")
     int4 = Int4Linear.from_float(linear, group_size=32)
@@ -78,6 +81,17 @@ def test_w8a16_and_w4a16_match_the_dequantized_reference(matmul_path, rows):
         ref4 = torch.nn.functional.linear(x, dequantize(unpack_int4(int4.packed), int4.weight_scale), int4.bias)
         assert torch.allclose(int8(x), ref8, rtol=1e-5, atol=1e-5)
         assert torch.allclose(int4(x), ref4, rtol=1e-5, atol=1e-5)
+
+
+def test_w8a8_prefill_without_int8_dot_products_never_calls_the_int8_gemm(monkeypatch):
+    layer = Int8Linear.from_float(_linear(), "w8a8")
+    assert layer.int8_gemm == kernels.cpu_has_int8_dot_products()  # decided when the layer is built
+    fused = Int8Linear.concat([layer, layer])
+    assert fused.int8_gemm == layer.int8_gemm
+    layer.int8_gemm = False
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: pytest.fail("no INT8 GEMM on this CPU"))
+    with torch.no_grad():
+        layer(torch.randn(40, 64))
 
 
 def test_w8a16_does_not_use_int_mm(monkeypatch):

@@ -6,7 +6,8 @@
 // loop into vector instructions for the machine it is built on (-march=native, `omp simd`).
 // Four output rows at a time: four independent sums keep the vector units busy.
 //
-//   int8_weight_matmul   y[m, n] = s[n] · Σ_k x[m, k] · q[n, k]          (float32 x, INT8 q)
+//   int8_weight_matmul   y[m, n] = s[n] · Σ_k x[m, k] · q[n, k]          (float32 x, INT8 q; many rows
+//                        of x: blocks of q converted in cache, then torch's float32 GEMM)
 //   int8_int8_matmul     y[m, n] = Σ_k a[m, k] · q[n, k]  (exact int32)   (INT8 a, INT8 q)
 //   int8_dynamic_matmul  W8A8: x's rows quantized to INT8 on the fly, int8_int8_matmul, dequantized
 //   int4_weight_matmul   y[m, n] = Σ_g s[n, g] · Σ_{k in g} x[m, k] · (nibble[n, k] − 8)
@@ -66,6 +67,32 @@ void rows_times_int8(const X* x, const int8_t* q, int64_t M, int64_t K, int64_t 
   });
 }
 
+// Many rows of x (prefill) make the product compute-bound: torch's float32 GEMM does it, on blocks of
+// kBlock weight rows converted to float32 into one buffer that stays in the cache — never a float
+// copy of the whole matrix, which would cost more memory traffic than the FP32 layer it replaces.
+constexpr int64_t kFewRows = 16;  // up to this many rows of x, the loop above; more, blocks and a GEMM
+constexpr int64_t kBlock = 128;
+
+void blocked_int8_gemm(const at::Tensor& x, const at::Tensor& q, at::Tensor& y) {
+  const int64_t K = x.size(1), N = q.size(0);
+  auto buffer = at::empty({std::min(kBlock, N), K}, x.options());
+  float* bp = buffer.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  for (int64_t n = 0; n < N; n += kBlock) {
+    const int64_t rows = std::min(kBlock, N - n);
+    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int8_t* from = qp + (n + r) * K;
+        float* to = bp + r * K;
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) to[k] = float(from[k]);
+      }
+    });
+    auto out = y.narrow(1, n, rows);  // rows of y with stride N: the GEMM writes them in place
+    at::mm_out(out, x, buffer.narrow(0, 0, rows).t());
+  }
+}
+
 at::Tensor int8_weight_matmul(const at::Tensor& x_in, const at::Tensor& q_in, const at::Tensor& s_in) {
   auto x = x_in.contiguous(), q = q_in.contiguous(), s = s_in.contiguous();
   check(x, q, at::kFloat, at::kChar, q.size(1));
@@ -73,10 +100,15 @@ at::Tensor int8_weight_matmul(const at::Tensor& x_in, const at::Tensor& q_in, co
   TORCH_CHECK(s.numel() == N && s.scalar_type() == at::kFloat, "course_kernels: one float32 scale per row");
   auto y = at::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
-  rows_times_int8(x.data_ptr<float>(), q.data_ptr<int8_t>(), M, K, N, yp);
+  if (M > kFewRows)
+    blocked_int8_gemm(x, q, y);
+  else
+    rows_times_int8(x.data_ptr<float>(), q.data_ptr<int8_t>(), M, K, N, yp);
   const float* sp = s.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) yp[m * N + n] *= sp[n];
+  at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      for (int64_t n = 0; n < N; ++n) yp[m * N + n] *= sp[n];
+  });
   return y;
 }
 
