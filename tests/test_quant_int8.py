@@ -395,3 +395,17 @@ def test_teacher_perplexity_of_each_scheme_matches_its_plain_reference(teacher):
         assert abs(ours / plain - 1) < 1e-3, (mode, ours, plain)
         if mode == "w8a16":
             assert ours / fp32 - 1 < 0.005
+
+
+def test_a_plain_install_ships_the_kernel_sources():
+    """A non-editable install compiles the kernels from the installed sources: pyproject's
+    package-data must name every file beside kernels/__init__.py."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(kernels.__file__).parents[2]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["course_lib"]
+    package = Path(kernels.__file__).parents[1]
+    sources = [p for p in Path(kernels.__file__).parent.iterdir() if p.is_file() and p.suffix not in (".py", ".pyc")]
+    assert kernels.SOURCE in sources
+    assert all(any(p.relative_to(package).match(glob) for glob in globs) for p in sources)
