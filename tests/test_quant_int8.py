@@ -55,10 +55,11 @@ def matmul_path(request, monkeypatch):
 
 @pytest.mark.parametrize("int8_gemm", [True, False])
 @pytest.mark.parametrize("rows", [1, 3, 8, 40])
-def test_w8a8_is_the_by_hand_int8_product_exactly(matmul_path, rows, int8_gemm):
-    layer = Int8Linear.from_float(_linear(k=64, n=50), "w8a8")  # 50 rows: not a multiple of 4
+@pytest.mark.parametrize("k", [64, 100])  # 100: 32 INT8 pairs a step, then 4 by the plain loop
+def test_w8a8_is_the_by_hand_int8_product_exactly(matmul_path, rows, int8_gemm, k):
+    layer = Int8Linear.from_float(_linear(k=k, n=50), "w8a8")  # 50 rows: not a multiple of 4
     layer.int8_gemm = int8_gemm  # False: a CPU without INT8 dot products sums them in a float32 GEMM
-    x = torch.randn(rows, 64)
+    x = torch.randn(rows, k)
     x[0] *= 1e-30  # a tiny token gets the floor, not an infinite scale
     with torch.no_grad():
         y = layer(x)
