@@ -3,10 +3,11 @@
 Decoding one token reads every weight once and does little arithmetic: on a CPU its time is memory
 traffic plus per-token Python. This loop keeps the second small:
 
-- q/k/v and gate/up run as ONE fused layer each (their weights stacked once, when the decoder is
-  built), so the activation is read — and for W8A8 quantized — once;
+- q/k/v and gate/up run as ONE fused layer each (their weights stacked once per model and kept on
+  it, `decoder_layers`), so the activation is read — and for W8A8 quantized — once;
 - a static KV cache: every position has its slot from the start, nothing grows or is copied;
-- one function per step, no checks and no host synchronization in it (a GPU can run it as a graph).
+- one function per step, no checks and no host synchronization in it (a GPU can run it as a graph);
+  at one token, attention is five small tensor operations rather than the general attention kernel.
 
 It runs the model's own layers (float nn.Linear, the course's Int8Linear / Int4Linear, LoRA-wrapped
 ones unfused), its embedding, norms' weights, rotary embedding and output layer. What it does not
@@ -19,7 +20,8 @@ cover — another architecture, q/k norms, sliding windows, sampling — `suppor
     logits = decoder.step(token)                      # one token per sequence, then again ...
 
 A decoder built from a model notices when that model's weights or layers change afterwards
-(fine-tuning, quantize_model) and rebuilds its fused layers before the next prefill.
+(fine-tuning, quantize_model) and rebuilds its fused layers before the next prefill; decoders of
+the same unchanged model share them.
 """
 from __future__ import annotations
 
@@ -143,7 +145,6 @@ def _layers(inner: nn.Module) -> list[dict]:
             "norm1": layer.input_layernorm, "norm2": layer.post_attention_layernorm,
             "qkv": fuse(qkv) or _Split(qkv), "o": attn.o_proj, "scaling": attn.scaling,
             "gate_up": fuse(gate_up) or _Split(gate_up), "down": mlp.down_proj, "act": mlp.act_fn,
-            "split": [lin.out_features for lin in qkv],
         })
     return layers
 
