@@ -71,10 +71,10 @@ def test_w8a8_is_the_by_hand_int8_product_exactly(matmul_path, rows, int8_gemm, 
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])
-@pytest.mark.parametrize("n", [42, 300])  # 300: blocks of 128 rows and a last, shorter one (prefill)
-def test_w8a16_and_w4a16_match_the_dequantized_reference(matmul_path, rows, n):
-    linear = _linear(k=96, n=n)
-    x = torch.randn(rows, 96)
+@pytest.mark.parametrize("k, n", [(96, 42), (4096, 300)])  # 4096 x 300: prefill in blocks of 64 rows, a last shorter one
+def test_w8a16_and_w4a16_match_the_dequantized_reference(matmul_path, rows, k, n):
+    linear = _linear(k=k, n=n)
+    x = torch.randn(rows, k)
     int8 = Int8Linear.from_float(linear, "w8a16")
     int4 = Int4Linear.from_float(linear, group_size=32)
     with torch.no_grad():

@@ -119,13 +119,13 @@ void int8_rows_simd(const int8_t* a, const int8_t* q, int64_t M, int64_t K, int6
 #endif
 
 // Many rows of x (prefill) make the product compute-bound: torch's float32 GEMM does it, on blocks of
-// kBlock weight rows converted to float32 into one buffer that stays in the cache — never a float
-// copy of the whole matrix, which would cost more memory traffic than the FP32 layer it replaces.
+// weight rows (about 1 MiB of float32 each) converted into one buffer that stays in the cache —
+// never a float copy of the whole matrix, which would cost more memory traffic than the FP32 layer.
 constexpr int64_t kFewRows = 16;  // up to this many rows of x, the loop above; more, blocks and a GEMM
-constexpr int64_t kBlock = 128;
 
 void blocked_int8_gemm(const at::Tensor& x, const at::Tensor& q, at::Tensor& y) {
   const int64_t K = x.size(1), N = q.size(0);
+  const int64_t kBlock = std::max<int64_t>(64, (int64_t(1) << 18) / K / 16 * 16);
   auto buffer = at::empty({std::min(kBlock, N), K}, x.options());
   float* bp = buffer.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
