@@ -68,38 +68,6 @@ void rows_times_int8(const X* x, const int8_t* q, int64_t M, int64_t K, int64_t 
   });
 }
 
-// W8A16 for a few rows at once (batched decode): each chunk of four weight rows is converted to
-// float32 once, into a buffer in L1, and then multiplied with every row of x — not converted again
-// for each row, which made the plain loop compute-bound at batch 8.
-void float_rows_times_int8(const float* x, const int8_t* q, int64_t M, int64_t K, int64_t N, float* y) {
-  constexpr int64_t kChunk = 256;
-  at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t begin, int64_t end) {
-    float w[kRows][kChunk];
-    for (int64_t n0 = begin * kRows; n0 < std::min(end * kRows, N); n0 += kRows) {
-      const int64_t rows = std::min(kRows, N - n0);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t r = 0; r < rows; ++r) y[m * N + n0 + r] = 0;
-      for (int64_t c = 0; c < K; c += kChunk) {
-        const int64_t len = std::min(kChunk, K - c);
-        for (int64_t r = 0; r < rows; ++r) {
-          const int8_t* from = q + (n0 + r) * K + c;
-#pragma omp simd
-          for (int64_t k = 0; k < len; ++k) w[r][k] = float(from[k]);
-        }
-        for (int64_t m = 0; m < M; ++m) {
-          const float* xm = x + m * K + c;
-          for (int64_t r = 0; r < rows; ++r) {
-            float acc = 0;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t k = 0; k < len; ++k) acc += xm[k] * w[r][k];
-            y[m * N + n0 + r] += acc;
-          }
-        }
-      }
-    }
-  });
-}
-
 // W8A8 at decode, by hand for x86 with AVX2: 32 INT8 pairs a step. |a| (unsigned) times q with a's
 // sign moved onto it (sign_epi8) is a·q; maddubs multiplies such pairs into 16-bit sums (no
 // overflow: 2 · 127² < 2¹⁵, as long as no value is −128 — absmax quantization never gives one) and
@@ -185,8 +153,6 @@ at::Tensor int8_weight_matmul(const at::Tensor& x_in, const at::Tensor& q_in, co
   float* yp = y.data_ptr<float>();
   if (M > kFewRows)
     blocked_int8_gemm(x, q, y);
-  else if (M > 1)
-    float_rows_times_int8(x.data_ptr<float>(), q.data_ptr<int8_t>(), M, K, N, yp);
   else
     rows_times_int8(x.data_ptr<float>(), q.data_ptr<int8_t>(), M, K, N, yp);
   const float* sp = s.data_ptr<float>();
