@@ -3,10 +3,11 @@
 Decoding one token reads every weight once and does little arithmetic: on a CPU its time is memory
 traffic plus per-token Python. This loop keeps the second small:
 
-- q/k/v and gate/up run as ONE fused layer each (their weights stacked once, when the decoder is
-  built), so the activation is read — and for W8A8 quantized — once;
+- q/k/v and gate/up run as ONE fused layer each (their weights stacked once per model and kept on
+  it, `decoder_layers`), so the activation is read — and for W8A8 quantized — once;
 - a static KV cache: every position has its slot from the start, nothing grows or is copied;
-- one function per step, no checks and no host synchronization in it (a GPU can run it as a graph).
+- one function per step, no checks and no host synchronization in it (a GPU can run it as a graph);
+  at one token, attention is five small tensor operations rather than the general attention kernel.
 
 It runs the model's own layers (float nn.Linear, the course's Int8Linear / Int4Linear, LoRA-wrapped
 ones unfused), its embedding, norms' weights, rotary embedding and output layer. What it does not
@@ -19,7 +20,8 @@ cover — another architecture, q/k norms, sliding windows, sampling — `suppor
     logits = decoder.step(token)                      # one token per sequence, then again ...
 
 A decoder built from a model notices when that model's weights or layers change afterwards
-(fine-tuning, quantize_model) and rebuilds its fused layers before the next prefill.
+(fine-tuning, quantize_model) and rebuilds its fused layers before the next prefill; decoders of
+the same unchanged model share them.
 """
 from __future__ import annotations
 
@@ -89,11 +91,62 @@ class _Split(nn.Module):
 
 
 def _fingerprint(model: nn.Module) -> tuple:
-    """Which modules and tensors the model holds and how often each tensor was changed in place:
-    a training step, load_state_dict or a layer swap changes it."""
+    """Which modules and tensors the model holds, where their data lives and how often each tensor
+    was changed in place: a training step, load_state_dict, `.to()` or a layer swap changes it."""
     tensors = [*model.parameters(), *model.buffers()]
-    return (tuple(map(id, model.modules())), tuple(map(id, tensors)),
+    return (tuple(map(id, model.modules())), tuple(map(id, tensors)), tuple(map(_address, tensors)),
             tuple(0 if t.is_inference() else t._version for t in tensors))
+
+
+def _address(tensor: torch.Tensor) -> int:
+    try:
+        return tensor.data_ptr()
+    except RuntimeError:  # a tensor subclass without storage of its own (torchao's quantized weights)
+        return 0
+
+
+class _KeptLayers:
+    """A model's decoder layers (q/k/v and gate/up fused), kept on the model itself so that they
+    are built once, not at every `generate` call (fusing copies the weights: 280 MB for the FP32
+    teacher), with the fingerprint they were built for. A copy of the model (deepcopy, pickle)
+    starts without them: its fused layers would be the original's."""
+
+    def __init__(self, fingerprint: tuple = (), layers: list | None = None):
+        self.fingerprint, self.layers = fingerprint, layers or []
+
+    def __deepcopy__(self, memo):
+        return _KeptLayers()
+
+    def __reduce__(self):
+        return _KeptLayers, ()
+
+
+KEPT = "_course_decoder_layers"  # the attribute of the model that holds them
+
+
+def decoder_layers(model: nn.Module) -> tuple[list[dict], tuple]:
+    """(layers, fingerprint): the per-layer modules `Decoder` runs, fused q/k/v and gate/up
+    included, built on first use and kept on `model` until it changes (`_fingerprint`)."""
+    fingerprint = _fingerprint(model)
+    kept = model.__dict__.get(KEPT)
+    if kept is None or kept.fingerprint != fingerprint:
+        kept = _KeptLayers(fingerprint, _layers(_inner_model(model)))
+        model.__dict__[KEPT] = kept  # a plain attribute: not a submodule, not in the state dict
+    return kept.layers, kept.fingerprint
+
+
+def _layers(inner: nn.Module) -> list[dict]:
+    layers = []
+    for layer in inner.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        gate_up = [mlp.gate_proj, mlp.up_proj]
+        layers.append({
+            "norm1": layer.input_layernorm, "norm2": layer.post_attention_layernorm,
+            "qkv": fuse(qkv) or _Split(qkv), "o": attn.o_proj, "scaling": attn.scaling,
+            "gate_up": fuse(gate_up) or _Split(gate_up), "down": mlp.down_proj, "act": mlp.act_fn,
+        })
+    return layers
 
 
 SPEEDUPS = ("eager", "graph", "compile")
@@ -128,17 +181,7 @@ class Decoder:
         self.dtype, self.device = param.dtype, param.device
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
-        self.layers = []
-        for layer in body.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-            gate_up = [mlp.gate_proj, mlp.up_proj]
-            self.layers.append({
-                "norm1": layer.input_layernorm, "norm2": layer.post_attention_layernorm,
-                "qkv": fuse(qkv) or _Split(qkv), "o": attn.o_proj, "scaling": attn.scaling,
-                "gate_up": fuse(gate_up) or _Split(gate_up), "down": mlp.down_proj, "act": mlp.act_fn,
-                "split": [lin.out_features for lin in qkv],
-            })
+        self.layers, self.fingerprint = decoder_layers(self.model)
         shape = (self.batch_size, self.n_kv, self.max_length, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
@@ -148,7 +191,6 @@ class Decoder:
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
         self._step = torch.compile(self._step_eager, dynamic=False) if self.speedup == "compile" else self._step_eager
         self._graph = None
-        self.fingerprint = _fingerprint(self.model)
 
     # ------------------------------------------------------------------ the public door: checks here
 
@@ -240,20 +282,25 @@ class Decoder:
     def _forward(self, ids, slots, positions, attend):
         x = self.embed(ids)
         batch, length, _ = x.shape
-        cos, sin = self.rotary(x, positions)
-        cos, sin = cos[:, None], sin[:, None]
+        heads, kv, dim = self.n_heads, self.n_kv, self.head_dim
+        cos, sin = self.rotary(x, positions)  # [B, T, D]
+        cos, sin = cos[:, :, None], _signed_sin(sin)[:, :, None]  # broadcast over heads: [B, T, 1, D]
+        if length == 1:  # one token: attention by hand, the mask as 0 / −inf added once per step
+            bias = torch.zeros(attend.shape, dtype=self.dtype, device=self.device).masked_fill_(~attend, float("-inf"))
         for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache):
             h = _rms_norm(x, layer["norm1"])
-            q, k, v = layer["qkv"](h).split(layer["split"], dim=-1)
-            q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-            k = k.view(batch, length, self.n_kv, self.head_dim).transpose(1, 2)
-            v = v.view(batch, length, self.n_kv, self.head_dim).transpose(1, 2)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            qkv = layer["qkv"](h).view(batch, length, heads + 2 * kv, dim)
+            qk = qkv[:, :, :heads + kv]  # q and k heads rotated together: rotate_half(x) = roll(x) · ±1
+            qk = qk * cos + qk.roll(dim // 2, dims=-1) * sin
+            q, k, v = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2), qkv[:, :, heads + kv:].transpose(1, 2)
             k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
             v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
-            attention = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=attend,
-                                                       scale=layer["scaling"], enable_gqa=True)
-            x = x + layer["o"](attention.transpose(1, 2).reshape(batch, length, -1))
+            if length == 1:
+                attention = _attend_one(q, k_cache, v_cache, bias, layer["scaling"])
+            else:
+                attention = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=attend,
+                                                           scale=layer["scaling"], enable_gqa=True).transpose(1, 2)
+            x = x + layer["o"](attention.reshape(batch, length, -1))
             h = _rms_norm(x, layer["norm2"])
             gate, up = layer["gate_up"](h).chunk(2, dim=-1)
             x = x + layer["down"](layer["act"](gate) * up)
@@ -265,9 +312,23 @@ def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: rotate_half(x) · sin = roll(x, D/2) · signed sin, exactly
+    (rotate_half(x) = cat(−x₂, x₁), roll(x, D/2) = cat(x₂, x₁)), one roll instead of a neg and a cat."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _attend_one(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bias: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """softmax(q·Kᵀ · scale + bias)·V for one new token per sequence, grouped-query: q [B, H, 1, D],
+    the caches [B, H_kv, L, D], head h reading kv head h // (H / H_kv) as transformers' repeat_kv
+    does; bias [B, 1, 1, L] is 0 or −inf. Returns [B, 1, H, D]. Five small ops instead of the
+    general attention kernel, which costs more than the arithmetic at one token."""
+    batch, heads, _, dim = q.shape
+    groups = q.reshape(batch, k_cache.shape[1], heads // k_cache.shape[1], dim)  # [B, H_kv, H/H_kv, D]
+    scores = torch.matmul(groups, k_cache.transpose(-1, -2)).mul_(scale).add_(bias)  # [B, H_kv, H/H_kv, L]
+    return torch.matmul(scores.softmax(-1), v_cache).view(batch, 1, heads, dim)
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .kernels import int4_weight_linear, int8_dynamic_linear, int8_weight_linear
+from .kernels import cpu_has_int8_dot_products, int4_weight_linear, int8_dynamic_linear, int8_weight_linear
 from .models import weight_bytes
 from .quant import absmax_quantize, int8_matmul, int8_vectorwise_quant
 
@@ -67,7 +67,9 @@ class Int8Linear(_Float32Scales):
     on the fly (`kernels.int8_weight_linear`), never dequantized into a float copy.
     mode="w8a8": each token (row) of the input is absmax-quantized on the fly, the product is a real
     INT8 matmul with int32 accumulation, dequantized once by the outer product of the scales; the
-    result is float32, cast back to x's dtype.
+    result is float32, cast back to x's dtype. `int8_gemm` (decided once, when the layer is built):
+    whether this machine's INT8 GEMM beats float32 — without INT8 dot-product instructions (a CPU
+    with AVX2 alone) a prefill sums the same integer products in a float32 GEMM instead.
     With `outlier_threshold` (W8A8 only), LLM.int8(): input columns holding an |x| >= threshold are
     multiplied in floating point instead (with the dequantized INT8 weights, as bitsandbytes does);
     finding those columns reads the device once per call (a host sync, as in bitsandbytes).
@@ -85,6 +87,7 @@ class Int8Linear(_Float32Scales):
                              f"got {outlier_threshold!r} with mode={mode!r}")
         self.in_features, self.out_features = in_features, out_features
         self.mode, self.granularity, self.outlier_threshold = mode, granularity, outlier_threshold
+        self.int8_gemm = cpu_has_int8_dot_products()
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         scale_shape = (out_features, 1) if granularity == "channel" else ()
         self.register_buffer("weight_scale", torch.ones(scale_shape, device=device))
@@ -130,10 +133,11 @@ class Int8Linear(_Float32Scales):
         if self.mode == "w8a16":
             y = int8_weight_linear(rows, self.weight, self.weight_scale)
         elif self.outlier_threshold is None:
-            y = int8_dynamic_linear(rows, self.weight, self.weight_scale)
+            y = int8_dynamic_linear(rows, self.weight, self.weight_scale, self.int8_gemm)
         else:
             y = self._llm_int8(rows)
-        return self._bias_for(y).to(x.dtype).view(*x.shape[:-1], self.out_features)
+        y = self._bias_for(y)
+        return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*x.shape[:-1], self.out_features)
 
     def _llm_int8(self, rows: torch.Tensor) -> torch.Tensor:
         """LLM.int8(): INT8 for the ordinary columns, float32 for the outlier columns."""

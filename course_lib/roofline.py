@@ -22,18 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .evaluate import Timing
+from .kernels import cpu_has_int8_dot_products  # noqa: F401 (chapter 02 imports it from here)
 from .models import weight_bytes
-
-
-def cpu_has_int8_dot_products() -> bool:
-    """True when this CPU multiplies INT8 pairs and sums them in one instruction (AVX-512 VNNI or
-    AVX-VNNI on x86, the dot-product extension on ARM): INT8 matrix products then beat FP32 ones.
-    With AVX2 alone they do not."""
-    from pathlib import Path
-
-    info = Path("/proc/cpuinfo")
-    flags = info.read_text() if info.is_file() else ""
-    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8", " asimddp"))
 
 
 def _median_seconds(fn, repeats: int, warmup: int = 1) -> Timing:

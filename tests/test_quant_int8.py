@@ -53,10 +53,13 @@ def matmul_path(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("int8_gemm", [True, False])
 @pytest.mark.parametrize("rows", [1, 3, 8, 40])
-def test_w8a8_is_the_by_hand_int8_product_exactly(matmul_path, rows):
-    layer = Int8Linear.from_float(_linear(k=64, n=50), "w8a8")  # 50 rows: not a multiple of 4
-    x = torch.randn(rows, 64)
+@pytest.mark.parametrize("k", [64, 100])  # 100: 32 INT8 pairs a step, then 4 by the plain loop
+def test_w8a8_is_the_by_hand_int8_product_exactly(matmul_path, rows, int8_gemm, k):
+    layer = Int8Linear.from_float(_linear(k=k, n=50), "w8a8")  # 50 rows: not a multiple of 4
+    layer.int8_gemm = int8_gemm  # False: a CPU without INT8 dot products sums them in a float32 GEMM
+    x = torch.randn(rows, k)
     x[0] *= 1e-30  # a tiny token gets the floor, not an infinite scale
     with torch.no_grad():
         y = layer(x)
@@ -68,9 +71,10 @@ def test_w8a8_is_the_by_hand_int8_product_exactly(matmul_path, rows):
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])
-def test_w8a16_and_w4a16_match_the_dequantized_reference(matmul_path, rows):
-    linear = _linear(k=96, n=42)
-    x = torch.randn(rows, 96)
+@pytest.mark.parametrize("k, n", [(96, 42), (4096, 300)])  # 4096 x 300: prefill in blocks of 64 rows, a last shorter one
+def test_w8a16_and_w4a16_match_the_dequantized_reference(matmul_path, rows, k, n):
+    linear = _linear(k=k, n=n)
+    x = torch.randn(rows, k)
     int8 = Int8Linear.from_float(linear, "w8a16")
     int4 = Int4Linear.from_float(linear, group_size=32)
     with torch.no_grad():
@@ -78,6 +82,17 @@ def test_w8a16_and_w4a16_match_the_dequantized_reference(matmul_path, rows):
         ref4 = torch.nn.functional.linear(x, dequantize(unpack_int4(int4.packed), int4.weight_scale), int4.bias)
         assert torch.allclose(int8(x), ref8, rtol=1e-5, atol=1e-5)
         assert torch.allclose(int4(x), ref4, rtol=1e-5, atol=1e-5)
+
+
+def test_w8a8_prefill_without_int8_dot_products_never_calls_the_int8_gemm(monkeypatch):
+    layer = Int8Linear.from_float(_linear(), "w8a8")
+    assert layer.int8_gemm == kernels.cpu_has_int8_dot_products()  # decided when the layer is built
+    fused = Int8Linear.concat([layer, layer])
+    assert fused.int8_gemm == layer.int8_gemm
+    layer.int8_gemm = False
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: pytest.fail("no INT8 GEMM on this CPU"))
+    with torch.no_grad():
+        layer(torch.randn(40, 64))
 
 
 def test_w8a16_does_not_use_int_mm(monkeypatch):
@@ -381,3 +396,17 @@ def test_teacher_perplexity_of_each_scheme_matches_its_plain_reference(teacher):
         assert abs(ours / plain - 1) < 1e-3, (mode, ours, plain)
         if mode == "w8a16":
             assert ours / fp32 - 1 < 0.005
+
+
+def test_a_plain_install_ships_the_kernel_sources():
+    """A non-editable install compiles the kernels from the installed sources: pyproject's
+    package-data must name every file beside kernels/__init__.py."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(kernels.__file__).parents[2]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["course_lib"]
+    package = Path(kernels.__file__).parents[1]
+    sources = [p for p in Path(kernels.__file__).parent.iterdir() if p.is_file() and p.suffix not in (".py", ".pyc")]
+    assert kernels.SOURCE in sources
+    assert all(any(p.relative_to(package).match(glob) for glob in globs) for p in sources)

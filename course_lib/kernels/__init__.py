@@ -1,8 +1,9 @@
 """The course's own CPU kernels for quantized weights (chapter 02): compiled once, on first use.
 
-`quantized_matmul.cpp` (beside this file, 150 lines) holds three loops that read each quantized
+`quantized_matmul.cpp` (beside this file, 200 lines) holds three loops that read each quantized
 weight byte once — INT8 weights × float32 activations, INT8 × INT8 with int32 sums, and 4-bit
-weights × float32 activations. They are compiled for the machine at hand (g++ -O3 -march=native,
+weights × float32 activations — and, for prefill, INT8 weights converted block by block in the
+cache for torch's float32 GEMM. They are compiled for the machine at hand (g++ -O3 -march=native,
 about 40 s, once) into the course cache and registered as `torch.ops.course_kernels.*`.
 
 `available()` says whether they are there; without a C++ compiler (or with COURSE_KERNELS=off) the
@@ -79,41 +80,62 @@ def available() -> bool:
     return True
 
 
-# ----------------------------------------------------------------------------- the matmuls the layers call
-# Each takes the fast loop on a CPU with float32 activations and few rows (decode), and plain torch
-# operations otherwise (prefill, CUDA, other dtypes). No argument checks here: the layers check
-# once, when they are built (from_float, quantize_model).
+def cpu_has_int8_dot_products() -> bool:
+    """True when this CPU multiplies INT8 pairs and sums them in one instruction (AVX-512 VNNI or
+    AVX-VNNI on x86, the dot-product extension on ARM): INT8 matrix products then beat FP32 ones.
+    With AVX2 alone they do not (torch's INT8 GEMM ran at 0.03–0.04× FP32 on such a CPU)."""
+    flags = set()
+    if Path("/proc/cpuinfo").is_file():
+        with open("/proc/cpuinfo") as info:  # the first CPU's line is enough: read no further
+            flags = next((set(line.split(":", 1)[1].split()) for line in info
+                          if line.startswith(("flags", "Features"))), set())
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
 
-FEW_ROWS = 16  # up to this many tokens the weight-reading loops win; above, torch's GEMMs do
+
+# ----------------------------------------------------------------------------- the matmuls the layers call
+# Each takes the compiled loops on a CPU with float32 activations, and plain torch operations
+# otherwise (CUDA, other dtypes, no compiler). No argument checks here: the layers check once, when
+# they are built (from_float, quantize_model).
+
+FEW_ROWS = 16  # up to this many tokens the W8A8 and 4-bit loops win; above, torch's GEMMs do
 
 
 def _fast(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= FEW_ROWS and available()
+    return x.device.type == "cpu" and x.dtype == torch.float32 and available()
 
 
 def int8_weight_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """W8A16: x [M, K] (float) @ (q · scale)ᵀ with q int8 [N, K] and float32 scale [N, 1] or [],
-    computed in x's dtype (the INT8 weights are converted to it on the fly): [M, N]."""
+    computed in x's dtype (the INT8 weights are converted to it on the fly): [M, N]. The compiled
+    kernel reads each weight byte once for a few rows (decode) and converts blocks of rows in the
+    cache for a float32 GEMM for many (prefill)."""
     if _fast(x):
         return torch.ops.course_kernels.int8_weight_matmul(x, q, scale.expand(q.shape[0], 1))
     return torch.nn.functional.linear(x, q.to(x.dtype)) * scale.view(1, -1).to(x.dtype)
 
 
-def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, int8_gemm: bool = True) -> torch.Tensor:
     """W8A8: every row of x [M, K] absmax-quantized to INT8, an INT8 × INT8 product with int32
-    sums, dequantized by s_x ⊗ s_w: float32 [M, N] (whatever x's dtype)."""
-    if _fast(x):
+    sums, dequantized by s_x ⊗ s_w: float32 [M, N] (whatever x's dtype).
+
+    `int8_gemm=False` (a CPU without INT8 dot products, `cpu_has_int8_dot_products`): the same
+    integer products are summed by the float32 GEMM instead — the same numbers while every partial
+    sum stays below 2²⁴ in magnitude (127² · K would pass it only if all products were maximal),
+    at FP32's speed instead of a far slower INT8 GEMM."""
+    if _fast(x) and x.shape[0] <= FEW_ROWS:
         return torch.ops.course_kernels.int8_dynamic_matmul(x, q, scale.expand(q.shape[0], 1))
     from ..quant import absmax_quantize_rows, int8_matmul
 
     x_q, x_scale = absmax_quantize_rows(x.float())
-    return int8_matmul(x_q, q.t()).float().mul_(x_scale).mul_(scale.view(1, -1))
+    if int8_gemm or x.device.type != "cpu":
+        return int8_matmul(x_q, q.t()).float().mul_(x_scale).mul_(scale.view(1, -1))
+    return int8_weight_linear(x_q.float(), q, scale).mul_(x_scale)
 
 
 def int4_weight_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
     """W4A16: x [M, K] (float) @ Wᵀ with W = (nibble − 8) · scale per group, two weights a byte
     (packed uint8 [N, K/2], float32 scale [N, K/group_size]), computed in x's dtype: [M, N]."""
-    if _fast(x):
+    if _fast(x) and x.shape[0] <= FEW_ROWS:
         return torch.ops.course_kernels.int4_weight_matmul(x, packed, scale, group_size)
     nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2).to(x.dtype) - 8
     weight = (nibbles.unflatten(-1, (-1, group_size)) * scale.to(x.dtype)[..., None]).flatten(-2)

@@ -6,9 +6,11 @@
 // loop into vector instructions for the machine it is built on (-march=native, `omp simd`).
 // Four output rows at a time: four independent sums keep the vector units busy.
 //
-//   int8_weight_matmul   y[m, n] = s[n] · Σ_k x[m, k] · q[n, k]          (float32 x, INT8 q)
+//   int8_weight_matmul   y[m, n] = s[n] · Σ_k x[m, k] · q[n, k]          (float32 x, INT8 q; many rows
+//                        of x: blocks of q converted in cache, then torch's float32 GEMM)
 //   int8_int8_matmul     y[m, n] = Σ_k a[m, k] · q[n, k]  (exact int32)   (INT8 a, INT8 q)
-//   int8_dynamic_matmul  W8A8: x's rows quantized to INT8 on the fly, int8_int8_matmul, dequantized
+//   int8_dynamic_matmul  W8A8: x's rows quantized to INT8 on the fly, int8_int8_matmul (by hand with
+//                        AVX2 / VNNI instructions where the CPU has them), dequantized
 //   int4_weight_matmul   y[m, n] = Σ_g s[n, g] · Σ_{k in g} x[m, k] · (nibble[n, k] − 8)
 //
 // The plain references they are tested against: dequantize and F.linear, and torch._int_mm.
@@ -66,6 +68,82 @@ void rows_times_int8(const X* x, const int8_t* q, int64_t M, int64_t K, int64_t 
   });
 }
 
+// W8A8 at decode, by hand for x86 with AVX2: 32 INT8 pairs a step. |a| (unsigned) times q with a's
+// sign moved onto it (sign_epi8) is a·q; maddubs multiplies such pairs into 16-bit sums (no
+// overflow: 2 · 127² < 2¹⁵, as long as no value is −128 — absmax quantization never gives one) and
+// madd with ones adds those into 32-bit lanes; with VNNI (AVX-VNNI, AVX-512 VNNI) one instruction,
+// dpbusd, does both. The exact int32 sums, as the plain loop gives them, in a third of the steps.
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+inline __m256i dot_step(__m256i acc, __m256i a_abs, __m256i a, const int8_t* q) {
+  const __m256i q_signed = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), a);
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, a_abs, q_signed);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, a_abs, q_signed);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a_abs, q_signed), _mm256_set1_epi16(1)));
+#endif
+}
+
+inline int32_t lanes_sum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+void int8_rows_simd(const int8_t* a, const int8_t* q, int64_t M, int64_t K, int64_t N, int32_t* y) {
+  const int64_t K32 = K / 32 * 32;
+  at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n0 = begin * kRows; n0 < std::min(end * kRows, N); n0 += kRows) {
+      const int64_t rows = std::min(kRows, N - n0);
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* am = a + m * K;
+        __m256i acc[kRows] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                              _mm256_setzero_si256()};
+        for (int64_t k = 0; k < K32; k += 32) {
+          const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(am + k));
+          const __m256i a_abs = _mm256_abs_epi8(av);
+          for (int64_t r = 0; r < rows; ++r) acc[r] = dot_step(acc[r], a_abs, av, q + (n0 + r) * K + k);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          int32_t sum = lanes_sum(acc[r]);
+          for (int64_t k = K32; k < K; ++k) sum += int32_t(am[k]) * int32_t(q[(n0 + r) * K + k]);
+          y[m * N + n0 + r] = sum;
+        }
+      }
+    }
+  });
+}
+#endif
+
+// Many rows of x (prefill) make the product compute-bound: torch's float32 GEMM does it, on blocks of
+// weight rows (about 1 MiB of float32 each) converted into one buffer that stays in the cache —
+// never a float copy of the whole matrix, which would cost more memory traffic than the FP32 layer.
+constexpr int64_t kFewRows = 16;  // up to this many rows of x, the loop above; more, blocks and a GEMM
+
+void blocked_int8_gemm(const at::Tensor& x, const at::Tensor& q, at::Tensor& y) {
+  const int64_t K = x.size(1), N = q.size(0);
+  const int64_t kBlock = std::max<int64_t>(64, (int64_t(1) << 18) / K / 16 * 16);
+  auto buffer = at::empty({std::min(kBlock, N), K}, x.options());
+  float* bp = buffer.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  for (int64_t n = 0; n < N; n += kBlock) {
+    const int64_t rows = std::min(kBlock, N - n);
+    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int8_t* from = qp + (n + r) * K;
+        float* to = bp + r * K;
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) to[k] = float(from[k]);
+      }
+    });
+    auto out = y.narrow(1, n, rows);  // rows of y with stride N: the GEMM writes them in place
+    at::mm_out(out, x, buffer.narrow(0, 0, rows).t());
+  }
+}
+
 at::Tensor int8_weight_matmul(const at::Tensor& x_in, const at::Tensor& q_in, const at::Tensor& s_in) {
   auto x = x_in.contiguous(), q = q_in.contiguous(), s = s_in.contiguous();
   check(x, q, at::kFloat, at::kChar, q.size(1));
@@ -73,10 +151,15 @@ at::Tensor int8_weight_matmul(const at::Tensor& x_in, const at::Tensor& q_in, co
   TORCH_CHECK(s.numel() == N && s.scalar_type() == at::kFloat, "course_kernels: one float32 scale per row");
   auto y = at::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
-  rows_times_int8(x.data_ptr<float>(), q.data_ptr<int8_t>(), M, K, N, yp);
+  if (M > kFewRows)
+    blocked_int8_gemm(x, q, y);
+  else
+    rows_times_int8(x.data_ptr<float>(), q.data_ptr<int8_t>(), M, K, N, yp);
   const float* sp = s.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) yp[m * N + n] *= sp[n];
+  at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      for (int64_t n = 0; n < N; ++n) yp[m * N + n] *= sp[n];
+  });
   return y;
 }
 
@@ -110,7 +193,12 @@ at::Tensor int8_dynamic_matmul(const at::Tensor& x_in, const at::Tensor& q, cons
     for (int64_t k = 0; k < K; ++k) ap[m * K + k] = int8_t(std::nearbyint(xp[m * K + k] * inverse));
     sp[m] = absmax / 127.f;
   }
+#if defined(__AVX2__)
+  auto acc = at::empty({M, N}, x.options().dtype(at::kInt));
+  int8_rows_simd(ap, q.contiguous().data_ptr<int8_t>(), M, K, N, acc.data_ptr<int32_t>());
+#else
   auto acc = int8_int8_matmul(a, q);
+#endif
   auto y = at::empty({M, N}, x.options());
   const int32_t* accp = acc.data_ptr<int32_t>();
   const float* wp = w_scale.data_ptr<float>();
