@@ -561,7 +561,7 @@ def _lmsi_case():
 
     questions = [Question(f"What is {a} plus {b}? Answer with the number.", a + b, (a, b))
                  for a, b in [(2, 3), (4, 4), (6, 7), (9, 1)]]
-    replies = [["2 + 3 = 5", "The answer is 5.", "5", "2 + 3 = 6"],
+    replies = [["2 + 3 = 5\n\nThis is a classic sum.", "The answer is 5.", "5", "2 + 3 = 6"],
                ["4 + 4 = 8", "The sum is 9.", "8", "It is 9, a classic."],
                ["6 + 7 = 12", "The answer is 12.", "12", "6 plus 7 equals 12."],
                ["To add 9 and 1, add them.", "9 + 1 = 10", "I cannot say.", "Let me think."]]

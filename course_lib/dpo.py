@@ -123,7 +123,7 @@ def train_dpo(policy, tokenizer, preferences: Sequence[Preference], steps: int, 
 
     def loss_fn(model, batch):
         terms = dpo_terms(model, batch, beta)
-        seen.append((examples(batch) // 2, {k: float(v) for k, v in terms.items()}))
+        seen.append((examples(batch) // 2, {k: float(v.detach()) for k, v in terms.items()}))
         return terms["dpo"] + nll_weight * terms["nll"] if nll_weight else terms["dpo"]
 
     run = train(policy, loss_fn, batches, steps, lr=lr, seed=seed, warmup_steps=warmup_steps, progress=progress,
