@@ -4,6 +4,8 @@ DPO trains the policy straight from preference pairs, with no reward model: the 
 −log σ(β·[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))]) raises the chosen
 response's log-ratio to the reference above the rejected one's. The reference is the policy itself
 with its LoRA adapters switched off, and `kl_to_reference` measures how far training moved it.
+DPO solves RLHF's max_π E[r] − β·KL(π ‖ π_ref) in closed form: its β is that KL's price, and
+r = β·log(π/π_ref) is the policy's implicit reward (`dpo_terms` reports its margin and accuracy).
 """
 from __future__ import annotations
 
