@@ -406,6 +406,20 @@ def _trainable(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
 
 
+def _learner_call(name: str, context: str, fn: Callable, *args, **kwargs) -> tuple[Any, CheckResult | None]:
+    """(fn(*args, **kwargs), None), or (None, a failed CheckResult) when the learner's code raised:
+    an unfinished stub is named, any other error shown with its line."""
+    try:
+        return fn(*args, **kwargs), None
+    except NotImplementedError:
+        return None, CheckResult(name, False, "the function still raises NotImplementedError: "
+                                              "replace `# YOUR CODE HERE` with your code")
+    except Exception as error:  # a learner's bug: show where, briefly
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        return None, CheckResult(name, False, f"{context}: {type(error).__name__}: {error} "
+                                              f"(line {where.lineno}: {where.line})")
+
+
 def _two_steps(step_fn: Callable, model, batch: dict, kwargs: dict, lr: float) -> dict[str, Any]:
     """Two calls of `step_fn(model, batch, optimizer, **kwargs)` with one plain SGD optimizer: the
     two losses it returned and the trainable parameters before, after one and after two steps."""
@@ -429,15 +443,9 @@ def _check_training_step(name: str, learner_fn: Callable, reference_fn: Callable
         return report(CheckResult(name, False, f"expected a function, got {_short(learner_fn)}"))
     for make_model, batch, kwargs in cases:
         expected = _two_steps(reference_fn, make_model(), batch, kwargs, lr)
-        try:
-            actual = _two_steps(learner_fn, make_model(), batch, kwargs, lr)
-        except NotImplementedError:
-            return report(CheckResult(name, False, "the function still raises NotImplementedError: "
-                                                   "replace `# YOUR CODE HERE` with your code"))
-        except Exception as error:  # a learner's bug: show where, briefly
-            where = traceback.extract_tb(error.__traceback__)[-1]
-            return report(CheckResult(name, False, f"with {kwargs} it raised {type(error).__name__}: {error} "
-                                                   f"(line {where.lineno}: {where.line})"))
+        actual, failed = _learner_call(name, f"with {kwargs}", _two_steps, learner_fn, make_model(), batch, kwargs, lr)
+        if failed is not None:
+            return report(failed)
         setting = ", ".join(f"{k}={v}" for k, v in kwargs.items())
         if (why := describe_difference(actual["loss 1"], expected["loss 1"], 1e-5, 1e-4)) is not None:
             hint = next((h for wrong, h in mistakes if describe_difference(
@@ -458,18 +466,33 @@ def _check_training_step(name: str, learner_fn: Callable, reference_fn: Callable
                                           "weights match course_lib's"))
 
 
+def _right_padded_batch(ids: torch.Tensor, lengths: Sequence[int], prompt: int = 4) -> dict[str, torch.Tensor]:
+    """Rows of `ids` cut to `lengths` (padding 0 after them), labels on the tokens after `prompt`."""
+    attention = (torch.arange(ids.shape[1]) < torch.tensor(list(lengths)).unsqueeze(1)).long()
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :prompt] = -100
+    return {"input_ids": ids.masked_fill(attention == 0, 0), "attention_mask": attention, "labels": labels}
+
+
+def _sgd_step(loss_fn: Callable) -> Callable:
+    """`step(model, batch, optimizer, **settings)`: the loss, backward, step, gradients cleared."""
+    def step(model, batch, optimizer, **settings):
+        loss = loss_fn(model, batch, **settings)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    return step
+
+
 def _kd_step_cases() -> list:
     """A tiny student and a batch of 3 rows (prompt 4 tokens, one row padded) carrying teacher logits."""
     from .runtime import seeded
     from .scoring import response_mask
 
     with seeded(4):
-        ids = torch.randint(1, 64, (3, 10))
-        attention = torch.ones_like(ids)
-        attention[2, 7:] = 0
-        labels = ids.masked_fill(attention == 0, -100)
-        labels[:, :4] = -100
-        batch = {"input_ids": ids.masked_fill(attention == 0, 0), "attention_mask": attention, "labels": labels}
+        batch = _right_padded_batch(torch.randint(1, 64, (3, 10)), [10, 10, 7])
         batch["teacher_logits"] = torch.randn(int(response_mask(batch).sum()), 64) * 3
     return [(lambda: _tiny_llama(seed=1), batch, {"temperature": t}) for t in (1.0, 2.0)]
 
@@ -477,14 +500,8 @@ def _kd_step_cases() -> list:
 def _kd_step(divergence: str) -> Callable:
     from .distill import token_kd_loss
 
-    def step(student, batch, optimizer, temperature=1.0):
-        loss = token_kd_loss(divergence, temperature=temperature)(student, batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        return loss
-
-    return step
+    return _sgd_step(lambda student, batch, temperature=1.0:
+                     token_kd_loss(divergence, temperature=temperature)(student, batch))
 
 
 def check_distillation_step(learner_fn: Callable) -> CheckResult:
@@ -505,14 +522,8 @@ def _dpo_step_cases() -> list:
     from .train import add_lora
 
     with seeded(5):
-        prompts = torch.randint(1, 64, (2, 4))
-        answers = torch.randint(1, 64, (4, 5))
-        ids = torch.cat([prompts.repeat(2, 1), answers], dim=1)
-        attention = torch.ones_like(ids)
-        attention[1, 7:], attention[2, 8:] = 0, 0
-        labels = ids.masked_fill(attention == 0, -100)
-        labels[:, :4] = -100
-        batch = {"input_ids": ids.masked_fill(attention == 0, 0), "attention_mask": attention, "labels": labels}
+        ids = torch.cat([torch.randint(1, 64, (2, 4)).repeat(2, 1), torch.randint(1, 64, (4, 5))], dim=1)
+        batch = _right_padded_batch(ids, [9, 7, 8, 9])
 
     def make_policy():
         with seeded(6), torch.no_grad():
@@ -530,17 +541,13 @@ def _dpo_step_cases() -> list:
 def _dpo_step(swap: bool = False, beta_fixed: float | None = None) -> Callable:
     from .dpo import dpo_batch_loss
 
-    def step(policy, batch, optimizer, beta=0.1):
+    def loss(policy, batch, beta=0.1):
         if swap:
             half = len(batch["input_ids"]) // 2
             batch = {k: torch.cat([v[half:], v[:half]]) for k, v in batch.items()}
-        loss = dpo_batch_loss(policy, batch, beta if beta_fixed is None else beta_fixed)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        return loss
+        return dpo_batch_loss(policy, batch, beta if beta_fixed is None else beta_fixed)
 
-    return step
+    return _sgd_step(loss)
 
 
 def check_dpo_step(learner_fn: Callable) -> CheckResult:
@@ -587,15 +594,10 @@ def check_lmsi_round(learner_fn: Callable, tokenizer) -> CheckResult:
                                                           settings["seed"]),
                          settings["steps"], lr=settings["lr"], seed=settings["seed"], progress=False)
         mine = _tiny_llama(len(tokenizer), seed=7, pad_token_id=tokenizer.pad_token_id)
-        try:
-            out = learner_fn(mine, tokenizer, questions, samples, threshold, **settings)
-        except NotImplementedError:
-            return report(CheckResult(name, False, "the function still raises NotImplementedError: "
-                                                   "replace `# YOUR CODE HERE` with your code"))
-        except Exception as error:  # a learner's bug: show where, briefly
-            where = traceback.extract_tb(error.__traceback__)[-1]
-            return report(CheckResult(name, False, f"threshold {threshold}: {type(error).__name__}: {error} "
-                                                   f"(line {where.lineno}: {where.line})"))
+        out, failed = _learner_call(name, f"threshold {threshold}", learner_fn, mine, tokenizer, questions, samples,
+                                    threshold, **settings)
+        if failed is not None:
+            return report(failed)
         if not (isinstance(out, tuple) and len(out) == 2 and hasattr(out[1], "losses")):
             return report(CheckResult(name, False, f"return (examples, the TrainResult of train()), got {_short(out)}"))
         examples, run = out
