@@ -5,9 +5,10 @@ implementation and says what differs: the first differing values and the largest
 """
 from __future__ import annotations
 
+import math
 import os
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -362,3 +363,387 @@ def check_average_orders(learner_fn: Callable) -> CheckResult:
         result.details += ("\n   hint: in the swapped order the first response is shown as B, so its "
                            "probability is 1 − P(A)")
     return report(result)
+
+
+# ----------------------------------------------------------------------------- predict, then run
+
+def check_predicted_outcome(question: str, prediction: Any, observed: Any, choices: Sequence,
+                            explanation: str = "") -> CheckResult:
+    """Predict-then-run: the learner's `prediction` (one of `choices`, or a function returning it)
+    against what the run just `observed`; the verdict names both and, either way, `explanation`."""
+    if observed not in choices:
+        raise ValueError(f"observed must be one of {list(choices)}, got {observed!r}")
+    name = f"prediction: {question}"
+    if callable(prediction):
+        try:
+            prediction = prediction()
+        except NotImplementedError:
+            return report(CheckResult(name, False, "the prediction still raises NotImplementedError: "
+                                                   "replace `# YOUR CODE HERE` with your answer"))
+    if prediction not in choices:
+        return report(CheckResult(name, False, f"answer with one of {', '.join(map(repr, choices))}; "
+                                               f"got {_short(prediction)}"))
+    details = f"you predicted {prediction!r}; the run shows {observed!r}"
+    return report(CheckResult(name, prediction == observed, details + (f"\n   {explanation}" if explanation else "")))
+
+
+# ----------------------------------------------------------------------------- write the loop (04-06)
+
+def _tiny_llama(vocab_size: int = 64, seed: int = 0, pad_token_id: int = 0):
+    """A 2-layer Llama with random weights, made on a forked random stream: a model a training
+    step can be checked on in milliseconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .runtime import seeded
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=pad_token_id)
+    with seeded(seed):
+        return LlamaForCausalLM(config).eval()
+
+
+def _trainable(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+
+
+def _learner_call(name: str, context: str, fn: Callable, *args, **kwargs) -> tuple[Any, CheckResult | None]:
+    """(fn(*args, **kwargs), None), or (None, a failed CheckResult) when the learner's code raised:
+    an unfinished stub is named, any other error shown with its line."""
+    try:
+        return fn(*args, **kwargs), None
+    except NotImplementedError:
+        return None, CheckResult(name, False, "the function still raises NotImplementedError: "
+                                              "replace `# YOUR CODE HERE` with your code")
+    except Exception as error:  # a learner's bug: show where, briefly
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        return None, CheckResult(name, False, f"{context}: {type(error).__name__}: {error} "
+                                              f"(line {where.lineno}: {where.line})")
+
+
+def _two_steps(step_fn: Callable, model, batch: dict, kwargs: dict, lr: float) -> dict[str, Any]:
+    """Two calls of `step_fn(model, batch, optimizer, **kwargs)` with one plain SGD optimizer: the
+    two losses it returned and the trainable parameters before, after one and after two steps."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    seen = {"start": _trainable(model)}
+    for step in (1, 2):
+        loss = step_fn(model, {k: v.clone() for k, v in batch.items()}, optimizer, **kwargs)
+        if loss is None:
+            raise TypeError("the step returned None: return the loss (a number or a 0-d tensor)")
+        loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
+        seen[f"loss {step}"], seen[f"after {step}"] = float(loss), _trainable(model)
+    return seen
+
+
+def _check_training_step(name: str, learner_fn: Callable, reference_fn: Callable, cases: list,
+                         lr: float = 0.5, mistakes: Sequence[tuple[Callable, str]] = ()) -> CheckResult:
+    """Run the learner's step and the reference step twice each from the same model on each case
+    (make_model, batch, kwargs); say which of loss, update and second step first differs.
+    `mistakes` are (wrong step, hint): when the learner's losses match a wrong step's, the hint."""
+    if not callable(learner_fn):
+        return report(CheckResult(name, False, f"expected a function, got {_short(learner_fn)}"))
+    for make_model, batch, kwargs in cases:
+        expected = _two_steps(reference_fn, make_model(), batch, kwargs, lr)
+        actual, failed = _learner_call(name, f"with {kwargs}", _two_steps, learner_fn, make_model(), batch, kwargs, lr)
+        if failed is not None:
+            return report(failed)
+        setting = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        if (why := describe_difference(actual["loss 1"], expected["loss 1"], 1e-5, 1e-4)) is not None:
+            hint = next((h for wrong, h in mistakes if describe_difference(
+                actual["loss 1"], _two_steps(wrong, make_model(), batch, kwargs, lr)["loss 1"], 1e-5, 1e-4) is None), "")
+            return report(CheckResult(name, False, f"({setting}) the loss of the first step: {why}"
+                                                   + (f"\n   hint: {hint}" if hint else "")))
+        if describe_difference(actual["after 1"], actual["start"], 0.0, 0.0) is None:
+            return report(CheckResult(name, False, f"({setting}) the loss is right but the weights did not move: "
+                                                   "call loss.backward() and optimizer.step()"))
+        if (why := describe_difference(actual["after 1"], expected["after 1"], 1e-6, 1e-4)) is not None:
+            return report(CheckResult(name, False, f"({setting}) the weights after one step: {why}; "
+                                                   "the gradient is not that of the loss returned"))
+        if (why := describe_difference((actual["loss 2"], actual["after 2"]), (expected["loss 2"], expected["after 2"]),
+                                       1e-5, 1e-4)) is not None:
+            return report(CheckResult(name, False, f"({setting}) the first step is right, the second is not ({why}): "
+                                                   "clear the gradients each step (optimizer.zero_grad())"))
+    return report(CheckResult(name, True, f"{len(cases)} settings x 2 steps: the losses and the updated "
+                                          "weights match course_lib's"))
+
+
+def _right_padded_batch(ids: torch.Tensor, lengths: Sequence[int], prompt: int = 4) -> dict[str, torch.Tensor]:
+    """Rows of `ids` cut to `lengths` (padding 0 after them), labels on the tokens after `prompt`."""
+    attention = (torch.arange(ids.shape[1]) < torch.tensor(list(lengths)).unsqueeze(1)).long()
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :prompt] = -100
+    return {"input_ids": ids.masked_fill(attention == 0, 0), "attention_mask": attention, "labels": labels}
+
+
+def _sgd_step(loss_fn: Callable) -> Callable:
+    """`step(model, batch, optimizer, **settings)`: the loss, backward, step, gradients cleared."""
+    def step(model, batch, optimizer, **settings):
+        loss = loss_fn(model, batch, **settings)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    return step
+
+
+def _kd_step_cases() -> list:
+    """A tiny student and a batch of 3 rows (prompt 4 tokens, one row padded) carrying teacher logits."""
+    from .runtime import seeded
+    from .scoring import response_mask
+
+    with seeded(4):
+        batch = _right_padded_batch(torch.randint(1, 64, (3, 10)), [10, 10, 7])
+        batch["teacher_logits"] = torch.randn(int(response_mask(batch).sum()), 64) * 3
+    return [(lambda: _tiny_llama(seed=1), batch, {"temperature": t}) for t in (1.0, 2.0)]
+
+
+def _kd_step(divergence: str) -> Callable:
+    from .distill import token_kd_loss
+
+    return _sgd_step(lambda student, batch, temperature=1.0:
+                     token_kd_loss(divergence, temperature=temperature)(student, batch))
+
+
+def check_distillation_step(learner_fn: Callable) -> CheckResult:
+    """Chapter 04: one step of white-box distillation, `step(student, batch, optimizer, temperature)`:
+    forward KL(p_T ‖ p_S) at the response positions against `batch["teacher_logits"]`, backward,
+    optimizer step, gradients cleared; returns the loss (`distill.token_kd_loss("forward_kl")`)."""
+    return _check_training_step("distillation_step", learner_fn, _kd_step("forward_kl"), _kd_step_cases(), mistakes=[
+        (_kd_step("reverse_kl"), "that is the reverse KL: the teacher's distribution weights the log-ratio"),
+        (lambda m, b, o, temperature=1.0: _kd_step("forward_kl")(m, b, o, 1.0),
+         "the loss ignores the temperature: divide both logits by it")])
+
+
+def _dpo_step_cases() -> list:
+    """A tiny LoRA policy (B randomized, so it differs from its reference) and 2 preference pairs:
+    rows 0-1 the chosen answers, rows 2-3 the rejected ones, with the reference log-probs."""
+    from .dpo import add_reference_logprobs
+    from .runtime import seeded
+    from .train import add_lora
+
+    with seeded(5):
+        ids = torch.cat([torch.randint(1, 64, (2, 4)).repeat(2, 1), torch.randint(1, 64, (4, 5))], dim=1)
+        batch = _right_padded_batch(ids, [9, 7, 8, 9])
+
+    def make_policy():
+        with seeded(6), torch.no_grad():
+            policy = add_lora(_tiny_llama(seed=2), r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        return policy
+
+    scored = dict(batch)
+    add_reference_logprobs(make_policy(), [scored])
+    return [(make_policy, scored, {"beta": beta}) for beta in (0.1, 0.5)]
+
+
+def _dpo_step(swap: bool = False, beta_fixed: float | None = None) -> Callable:
+    from .dpo import dpo_batch_loss
+
+    def loss(policy, batch, beta=0.1):
+        if swap:
+            half = len(batch["input_ids"]) // 2
+            batch = {k: torch.cat([v[half:], v[:half]]) for k, v in batch.items()}
+        return dpo_batch_loss(policy, batch, beta if beta_fixed is None else beta_fixed)
+
+    return _sgd_step(loss)
+
+
+def check_dpo_step(learner_fn: Callable) -> CheckResult:
+    """Chapter 05: one DPO step, `step(policy, batch, optimizer, beta)`: log π of each row
+    (`sequence_logprobs`), chosen = first half, rejected = second half, the reference's from
+    `batch["ref_logps"]`, the DPO loss, backward, step, gradients cleared (`dpo.dpo_batch_loss`)."""
+    return _check_training_step("dpo_step", learner_fn, _dpo_step(), _dpo_step_cases(), lr=0.2, mistakes=[
+        (_dpo_step(swap=True), "chosen and rejected are swapped: the chosen answers are the batch's first half"),
+        (_dpo_step(beta_fixed=0.1), "is beta used, not a fixed 0.1?")])
+
+
+# ----------------------------------------------------------------------------- chapter 06: the LMSI round
+
+def _lmsi_case():
+    """Four addition questions with 4 chatty samples each: a clear vote, a 2-2 tie, a confident
+    wrong vote, and a question answered by one sample of four."""
+    from .self_improve import Question, Samples, extract_answer
+
+    questions = [Question(f"What is {a} plus {b}? Answer with the number.", a + b, (a, b))
+                 for a, b in [(2, 3), (4, 4), (6, 7), (9, 1)]]
+    replies = [["2 + 3 = 5\n\nThis is a classic sum.", "The answer is 5.", "5", "2 + 3 = 6"],
+               ["4 + 4 = 8", "The sum is 9.", "8", "It is 9, a classic."],
+               ["6 + 7 = 12", "The answer is 12.", "12", "6 plus 7 equals 12."],
+               ["To add 9 and 1, add them.", "9 + 1 = 10", "I cannot say.", "Let me think."]]
+    return questions, Samples(replies, [[extract_answer(r) for r in row] for row in replies])
+
+
+def check_lmsi_round(learner_fn: Callable, tokenizer) -> CheckResult:
+    """Chapter 06: `lmsi_round(model, tokenizer, questions, samples, threshold, steps, lr, batch_size,
+    seed)` returns (examples, TrainResult): the LMSI filter (`self_improve.confident_examples`) and
+    the training on them (`training_batches`, `train` with `lm_loss`), checked on a tiny model."""
+    from .self_improve import confident_examples, training_batches
+    from .train import lm_loss, train
+
+    name = "lmsi_round"
+    if not callable(learner_fn):
+        return report(CheckResult(name, False, f"expected a function, got {_short(learner_fn)}"))
+    questions, samples = _lmsi_case()
+    settings = dict(steps=2, lr=1e-2, batch_size=2, seed=3)
+    for threshold in (0.5, 0.75, 1.0):
+        expected_examples = confident_examples(questions, samples, threshold)
+        model = _tiny_llama(len(tokenizer), seed=7, pad_token_id=tokenizer.pad_token_id)
+        expected = train(model, lm_loss, training_batches(tokenizer, expected_examples, settings["batch_size"],
+                                                          settings["seed"]),
+                         settings["steps"], lr=settings["lr"], seed=settings["seed"], progress=False)
+        mine = _tiny_llama(len(tokenizer), seed=7, pad_token_id=tokenizer.pad_token_id)
+        out, failed = _learner_call(name, f"threshold {threshold}", learner_fn, mine, tokenizer, questions, samples,
+                                    threshold, **settings)
+        if failed is not None:
+            return report(failed)
+        if not (isinstance(out, tuple) and len(out) == 2 and hasattr(out[1], "losses")):
+            return report(CheckResult(name, False, f"return (examples, the TrainResult of train()), got {_short(out)}"))
+        examples, run = out
+        if list(examples) != expected_examples:
+            hint = ("a reply that reaches the voted answer is kept cut after its answer "
+                    "(self_improve.reply_up_to_answer), the others are left out; a question counts when "
+                    "its vote's confidence is >= the threshold")
+            return report(CheckResult(name, False, f"threshold {threshold}: {len(examples)} examples, expected "
+                                                   f"{len(expected_examples)}: {describe_difference(list(examples), expected_examples)}"
+                                                   f"\n   hint: {hint}"))
+        why = describe_difference((torch.tensor(run.losses), _trainable(mine)),
+                                  (torch.tensor(expected.losses), _trainable(model)), 1e-5, 1e-4)
+        if why is not None:
+            return report(CheckResult(name, False, f"threshold {threshold}: the examples are right, the training "
+                                                   f"is not ({why}); use training_batches(tokenizer, examples, "
+                                                   "batch_size, seed) and train(model, lm_loss, ..., seed=seed)"))
+    return report(CheckResult(name, True, "3 thresholds: the kept examples, the losses and the trained weights match"))
+
+
+# ----------------------------------------------------------------------------- open experiments (04-06)
+# The learner chooses the settings; the check recomputes what it can from what the learner kept and
+# validates the table for consistency (and the bounds the theory gives), never for a fixed value.
+
+def _sweep_table(sweep: dict, columns: Sequence[str], key: str) -> str:
+    rows = [f"{key:>9s} " + " ".join(f"{c:>12s}" for c in columns)]
+    for setting, row in sorted(sweep.items()):
+        rows.append(f"{setting:9.3g} " + " ".join(f"{_cell(row[c]):>12s}" for c in columns))
+    return "\n   ".join(rows)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, tuple) and len(value) == 2:
+        return f"{value[0]}/{value[1]}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _sweep_shape(name: str, sweep: Any, fields: Sequence[str], what: str) -> CheckResult | None:
+    """A failed CheckResult unless `sweep` maps at least three settings in [0, 1] to dicts with `fields`."""
+    if not isinstance(sweep, dict) or len(sweep) < 3:
+        return CheckResult(name, False, f"expected a dict of at least three {what} -> results, got {_short(sweep)}")
+    for setting, row in sweep.items():
+        if not isinstance(setting, (int, float)) or not 0 <= setting <= 1:
+            return CheckResult(name, False, f"each {what[:-1]} must be a number in [0, 1], got {setting!r}")
+        if not isinstance(row, dict) or any(f not in row for f in fields):
+            return CheckResult(name, False, f"{what[:-1]} {setting}: expected a dict with {list(fields)}, got {_short(row)}")
+    return None
+
+
+def check_jsd_sweep(sweep: dict, teacher_logits: torch.Tensor, picks_from: float | None) -> CheckResult:
+    """Chapter 04's open experiment: {β: {"student": fitted logits, "jsd": JSD_β at the end,
+    "one_side": the student's mass on its heavier half of the bins}} and `picks_from`, the smallest β
+    of the sweep with one_side > 0.9 (None if none). Each number is recomputed from the student's
+    logits; JSD_β must respect its bound H(β) = −β ln β − (1−β) ln(1−β) ≤ ln 2."""
+    from .distill import generalized_jsd
+
+    name = "jsd_sweep"
+    if (failed := _sweep_shape(name, sweep, ("student", "jsd", "one_side"), "betas")) is not None:
+        return report(failed)
+    half = teacher_logits.shape[-1] // 2
+    for beta, row in sorted(sweep.items()):
+        student = row["student"]
+        if not isinstance(student, torch.Tensor) or student.shape != teacher_logits.shape:
+            return report(CheckResult(name, False, f"β={beta}: 'student' must be the fitted logits, shape "
+                                                   f"{tuple(teacher_logits.shape)}, got {_short(student)}"))
+        jsd = float(generalized_jsd(student.detach()[None], teacher_logits[None], beta=beta))
+        p = torch.softmax(student.detach().double(), -1)
+        one_side = float(max(p[:half].sum(), p[half:].sum()))
+        for field_name, value in (("jsd", jsd), ("one_side", one_side)):
+            if (why := describe_difference(row[field_name], value, 1e-4, 1e-3)) is not None:
+                return report(CheckResult(name, False, f"β={beta}: your {field_name!r} is not that of your student "
+                                                       f"({why})"))
+        bound = 0.0 if beta in (0, 1) else -beta * math.log(beta) - (1 - beta) * math.log(1 - beta)
+        if 0 < beta < 1 and jsd > bound + 1e-6:
+            return report(CheckResult(name, False, f"β={beta}: JSD {jsd:.4f} exceeds its bound H(β) = {bound:.4f}"))
+    expected = next((b for b, row in sorted(sweep.items()) if row["one_side"] > 0.9), None)
+    table = _sweep_table(sweep, ("jsd", "one_side"), "β")
+    if picks_from != expected:
+        return report(CheckResult(name, False, f"by your own table the student picks one mode (one_side > 0.9) "
+                                               f"from β = {expected}, not {picks_from}:\n   {table}"))
+    return report(CheckResult(name, True, f"{len(sweep)} betas, every number recomputed from your students, every "
+                                          f"JSD within H(β) ≤ ln 2 = {math.log(2):.4f}; picks from β = {expected}\n   {table}"))
+
+
+def check_noise_sweep(sweep: dict, pairs: Sequence, clean_labels: Sequence[int]) -> CheckResult:
+    """Chapter 05's open experiment: {noise: {"labels": the annotator's labels, "agreement": (k, n)
+    with the clean rubric, "rm_accuracy": (k, n) of a reward model trained on those labels}}. The
+    flips (a share `noise` of the decided verdicts, ties untouched) and the agreement are
+    recomputed; every reward model must be scored on the same held-out pairs."""
+    from .preference_data import agreement
+
+    name = "noise_sweep"
+    if (failed := _sweep_shape(name, sweep, ("labels", "agreement", "rm_accuracy"), "noise levels")) is not None:
+        return report(failed)
+    decided = [i for i, y in enumerate(clean_labels) if y != 0]
+    held_out = set()
+    for noise, row in sorted(sweep.items()):
+        labels = list(row["labels"])
+        if len(labels) != len(pairs) or any(y not in (-1, 0, 1) for y in labels):
+            return report(CheckResult(name, False, f"noise {noise}: 'labels' must be one label in (+1, 0, -1) "
+                                                   f"per pair ({len(pairs)}), got {len(labels)}"))
+        if any((y == 0) != (c == 0) for y, c in zip(labels, clean_labels)):
+            return report(CheckResult(name, False, f"noise {noise}: the annotator only flips decided verdicts; "
+                                                   "a tie must stay a tie (and no decided pair may become one)"))
+        flips = sum(labels[i] != clean_labels[i] for i in decided)
+        if flips != round(noise * len(decided)):
+            return report(CheckResult(name, False, f"noise {noise}: {flips} of {len(decided)} verdicts flipped, "
+                                                   f"expected round({noise} x {len(decided)}) = "
+                                                   f"{round(noise * len(decided))} (rubric_labels(pairs, noise=...))"))
+        if (why := describe_difference(tuple(row["agreement"]), agreement(labels, clean_labels))) is not None:
+            return report(CheckResult(name, False, f"noise {noise}: 'agreement' is not your labels' agreement "
+                                                   f"with the clean rubric ({why})"))
+        k, n = row["rm_accuracy"]
+        if not 0 <= k <= n or n == 0:
+            return report(CheckResult(name, False, f"noise {noise}: 'rm_accuracy' must be (right, out of n > 0), "
+                                                   f"got {row['rm_accuracy']}"))
+        held_out.add(n)
+    if len(held_out) > 1:
+        return report(CheckResult(name, False, f"the reward models were scored on different numbers of held-out "
+                                               f"pairs {sorted(held_out)}: compare them on the same ones"))
+    return report(CheckResult(name, True, f"{len(sweep)} noise levels: flips, ties and agreement recomputed, every "
+                                          f"reward model scored on the same {held_out.pop()} held-out pairs\n   "
+                                          + _sweep_table(sweep, ("agreement", "rm_accuracy"), "noise")))
+
+
+def check_threshold_sweep(sweep: dict, questions: Sequence, samples, chosen: float) -> CheckResult:
+    """Chapter 06's open experiment: {threshold: {"kept": questions whose vote is that confident,
+    "right": of those, how many votes are right, "examples": training replies kept}} on `samples`
+    of `questions`, and the threshold the learner would train with (`chosen`, one of the sweep).
+    Every count is recomputed (`self_improve.confident_examples`)."""
+    from .self_improve import confident_examples
+
+    name = "threshold_sweep"
+    if (failed := _sweep_shape(name, sweep, ("kept", "right", "examples"), "thresholds")) is not None:
+        return report(failed)
+    votes = samples.votes()
+    for threshold, row in sorted(sweep.items()):
+        kept = [(q, v) for q, (v, c) in zip(questions, votes) if v is not None and c >= threshold]
+        expected = {"kept": len(kept), "right": sum(v == q.answer for q, v in kept),
+                    "examples": len(confident_examples(questions, samples, threshold))}
+        wrong = [f"{k} {row[k]} (recomputed: {v})" for k, v in expected.items() if row[k] != v]
+        if wrong:
+            return report(CheckResult(name, False, f"threshold {threshold}: " + ", ".join(wrong)))
+    if chosen not in sweep:
+        return report(CheckResult(name, False, f"choose your threshold among the ones you measured "
+                                               f"{sorted(sweep)}, got {chosen!r}"))
+    table = _sweep_table({t: {**r, "precision": r["right"] / r["kept"] if r["kept"] else float("nan")}
+                          for t, r in sweep.items()}, ("kept", "right", "precision", "examples"), "threshold")
+    return report(CheckResult(name, True, f"{len(sweep)} thresholds, every count recomputed; you chose {chosen}\n   "
+                                          + table))

@@ -2,7 +2,7 @@
 
 A student learns from the teacher's text (sequence-level KD: `method="sft"`, chapter 03) or from its
 next-token distributions (token-level KD, chapter 04): forward KL (Hinton et al. 2015), reverse KL
-(MiniLLM, Gu et al. 2023), the generalized Jensen-Shannon divergence (GKD, Agarwal et al. 2023),
+(token-level; MiniLLM, Gu et al. 2023, takes it over sampled sequences), the generalized Jensen-Shannon divergence (GKD, Agarwal et al. 2023),
 DistiLLM's skewed KL (Ko et al. 2024), and on-policy KD, where a fraction λ of the batches are the
 student's own samples scored by the teacher (GKD). Every run goes through `course_lib.train.train`.
 
@@ -103,7 +103,8 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
                mask: torch.Tensor | None = None) -> torch.Tensor:
-    """KL(P_S || P_T) = Σ p_S·(log p_S − log p_T): mode-seeking, MiniLLM's objective (chapter 04)."""
+    """KL(P_S || P_T) = Σ p_S·(log p_S − log p_T): mode-seeking, token by token (MiniLLM minimizes
+    it over whole sequences the student samples, by policy gradient; chapter 04)."""
     return generalized_jsd(student_logits, teacher_logits, beta=1.0, temperature=temperature, mask=mask)
 
 

@@ -4,10 +4,12 @@ DPO trains the policy straight from preference pairs, with no reward model: the 
 −log σ(β·[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))]) raises the chosen
 response's log-ratio to the reference above the rejected one's. The reference is the policy itself
 with its LoRA adapters switched off, and `kl_to_reference` measures how far training moved it.
+DPO solves RLHF's max_π E[r] − β·KL(π ‖ π_ref) in closed form: its β is that KL's price, and
+r = β·log(π/π_ref) is the policy's implicit reward (`dpo_terms` reports its margin and accuracy).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -74,32 +76,67 @@ def add_reference_logprobs(policy, batches: Sequence[dict[str, torch.Tensor]]) -
             batch["ref_logps"] = sequence_logprobs(policy, batch)
 
 
+def dpo_terms(policy, batch: dict[str, torch.Tensor], beta: float = 0.1) -> dict[str, torch.Tensor]:
+    """What one batch from `preference_batches` (with its reference log-probs) says about the policy:
+    "dpo", the DPO loss; "nll", the chosen answers' mean token NLL (RPO's term); "accuracy", the share
+    of pairs whose implicit reward r = β·log(π/π_ref) ranks the chosen answer first; "margin", the
+    mean reward margin β·[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))]."""
+    pi_chosen, pi_rejected = sequence_logprobs(policy, batch).chunk(2)
+    ref_chosen, ref_rejected = batch["ref_logps"].to(pi_chosen.device).chunk(2)
+    chosen_tokens = (batch["labels"][: len(pi_chosen)] != -100).sum().clamp_min(1)
+    with torch.no_grad():
+        margin = beta * ((pi_chosen - ref_chosen) - (pi_rejected - ref_rejected))
+    return {"dpo": dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta),
+            "nll": -pi_chosen.sum() / chosen_tokens.to(pi_chosen.device),
+            "accuracy": (margin > 0).float().mean(), "margin": margin.mean()}
+
+
 def dpo_batch_loss(policy, batch: dict[str, torch.Tensor], beta: float = 0.1,
                    nll_weight: float = 0.0) -> torch.Tensor:
     """The DPO loss of one batch from `preference_batches` (with its reference log-probs), plus
     `nll_weight` × the chosen responses' mean token NLL (RPO, Pang et al. 2024; TRL's `rpo_alpha`):
     DPO alone can lower the chosen answers' likelihood too, as long as the rejected ones fall faster."""
-    pi_chosen, pi_rejected = sequence_logprobs(policy, batch).chunk(2)
-    ref_chosen, ref_rejected = batch["ref_logps"].to(pi_chosen.device).chunk(2)
-    loss = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta)
-    if nll_weight:
-        chosen_tokens = (batch["labels"][: len(pi_chosen)] != -100).sum().clamp_min(1)
-        loss = loss - nll_weight * pi_chosen.sum() / chosen_tokens.to(pi_chosen.device)
-    return loss
+    terms = dpo_terms(policy, batch, beta)
+    return terms["dpo"] + nll_weight * terms["nll"] if nll_weight else terms["dpo"]
+
+
+@dataclass
+class DPOResult(TrainResult):
+    """`TrainResult` (`losses` = DPO term + nll_weight × NLL term) and, per optimizer step, each
+    term on its own (`dpo_terms`, weighted over the step's pairs like the loss): `dpo` (log 2 while
+    the policy is the reference), `nll`, `accuracy` and `margin`."""
+    dpo: list[float] = field(default_factory=list)
+    nll: list[float] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+    margin: list[float] = field(default_factory=list)
 
 
 def train_dpo(policy, tokenizer, preferences: Sequence[Preference], steps: int, batch_size: int = 4,
               lr: float = 5e-4, beta: float = 0.1, max_length: int = 256, warmup_steps: int = 0,
-              seed: int = 0, progress: bool = True, nll_weight: float = 0.0, grad_accum: int = 1) -> TrainResult:
+              seed: int = 0, progress: bool = True, nll_weight: float = 0.0, grad_accum: int = 1) -> DPOResult:
     """DPO on a LoRA-wrapped policy; the reference is the same model with the adapters off.
     `nll_weight` > 0 adds RPO's NLL term on the chosen answers (see `dpo_batch_loss`). The loss is
-    a mean over pairs, so accumulated batches are weighted by their pairs (`train.examples`)."""
+    a mean over pairs, so accumulated batches are weighted by their pairs (`train.examples`).
+    The result keeps each term of each step apart (`DPOResult`), as this process saw them."""
     _check_peft(policy)
     batches = preference_batches(tokenizer, preferences, batch_size, max_length)
     add_reference_logprobs(policy, batches)
-    return train(policy, lambda m, b: dpo_batch_loss(m, b, beta, nll_weight), batches, steps, lr=lr, seed=seed,
-                 warmup_steps=warmup_steps, progress=progress, desc="DPO", grad_accum=grad_accum,
-                 weight_fn=examples)
+    seen: list[tuple[int, dict[str, float]]] = []  # (pairs, terms) of each micro-batch, in order
+
+    def loss_fn(model, batch):
+        terms = dpo_terms(model, batch, beta)
+        seen.append((examples(batch) // 2, {k: float(v.detach()) for k, v in terms.items()}))
+        return terms["dpo"] + nll_weight * terms["nll"] if nll_weight else terms["dpo"]
+
+    run = train(policy, loss_fn, batches, steps, lr=lr, seed=seed, warmup_steps=warmup_steps, progress=progress,
+                desc="DPO", grad_accum=grad_accum, weight_fn=examples)
+    result = DPOResult(**vars(run))
+    for step in range(run.steps):
+        micro = seen[step * grad_accum:(step + 1) * grad_accum]
+        pairs = sum(n for n, _ in micro)
+        for name in ("dpo", "nll", "accuracy", "margin"):
+            getattr(result, name).append(sum(n * terms[name] for n, terms in micro) / pairs)
+    return result
 
 
 @torch.no_grad()

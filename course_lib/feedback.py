@@ -2,9 +2,9 @@
 
 - `course_lib.preference_data`: prompts whose quality a rule can check, pairs of responses, the
   written rubric, the simulated human annotator (`rubric_labels`), `agreement`, win rates
-- `course_lib.judge`: the LLM judge (RLAIF): both orders, position bias, direct scores (d-RLAIF)
+- `course_lib.judge`: the LLM judge (RLAIF): both orders, position bias, direct scores
 - `course_lib.reward_model`: the Bradley–Terry reward model and best-of-n
-- `course_lib.dpo`: DPO on a LoRA policy, its KL to the reference
+- `course_lib.dpo`: DPO on a LoRA policy, each term of its loss per step, its KL to the reference
 
 The course's contract (COURSE.md) names these three here too.
 """

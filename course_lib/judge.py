@@ -3,8 +3,9 @@
 The judge's verdict is the next token of its reply, " A" or " B", read in logit space:
 P(A) = σ(logit_A − logit_B), the probability of "A" among the two letters (no division of
 probabilities that can underflow to 0/0). Every pair is judged in both orders and the two averaged,
-which cancels the judge's position bias (Lee et al. 2023, RLAIF). Direct scoring (d-RLAIF) asks
-about one response alone and reads "Yes" against "No" the same way. Labels follow
+which cancels the judge's position bias (Lee et al. 2023, RLAIF). Direct scoring asks about one
+response alone and reads "Yes" against "No" the same way; here the two scores of a pair become a
+preference label (Lee et al.'s d-RLAIF instead uses such a score as the RL reward itself). Labels follow
 `preference_data`: +1 the pair's `first` response is preferred, −1 the `second`, 0 a tie;
 identical responses are a tie for every labeler, by rule.
 """
@@ -138,8 +139,8 @@ def _yes_minus_no(model, tokenizer, prompts: Sequence[PreferencePrompt], respons
 
 def direct_scores(model, tokenizer, prompts: Sequence[PreferencePrompt], responses: Sequence[str],
                   batch_size: int = 8) -> torch.Tensor:
-    """d-RLAIF, two-point scale: each response alone, scored P("Yes") among {"Yes", "No"}, i.e.
-    σ(logit_Yes − logit_No)."""
+    """Direct scoring on a two-point scale: each response alone, scored P("Yes") among {"Yes", "No"},
+    i.e. σ(logit_Yes − logit_No) (the kind of score d-RLAIF, Lee et al. 2023, uses as the reward)."""
     return torch.sigmoid(_yes_minus_no(model, tokenizer, prompts, responses, batch_size)).float()
 
 

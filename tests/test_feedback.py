@@ -297,6 +297,23 @@ def test_rpo_adds_the_chosen_answers_mean_token_nll(tokenizer):
     assert rpo.item() == pytest.approx(dpo.item() + 0.5 * nll.item(), abs=1e-5)
 
 
+def test_train_dpo_keeps_each_term_of_each_step(tokenizer):
+    """The plot of chapter 05 reads the DPO term, the NLL term, the preference accuracy and the
+    reward margin apart; together they make the loss the loop minimized, step by step."""
+    policy = add_lora(tiny_llama(tokenizer, layers=2), r=4, alpha=8)
+    preferences = [Preference(CAPITAL, "Paris.", "Lyon is the capital."), Preference(SUM, "7", "It is 8."),
+                   Preference(SUM, "Seven.", "8"), Preference(CAPITAL, "Paris", "")]
+    result = train_dpo(policy, tokenizer, preferences, steps=3, batch_size=1, lr=1e-2, nll_weight=0.5,
+                       grad_accum=2, progress=False)
+    assert len(result.dpo) == len(result.nll) == len(result.accuracy) == len(result.margin) == result.steps == 3
+    assert result.dpo[0] == pytest.approx(math.log(2), abs=1e-5)  # the policy starts as its reference
+    assert result.margin[0] == pytest.approx(0.0, abs=1e-6) and result.accuracy[0] == 0.0
+    for loss, dpo, nll in zip(result.losses, result.dpo, result.nll):
+        assert loss == pytest.approx(dpo + 0.5 * nll, rel=1e-5)
+    assert all(0.0 <= a <= 1.0 for a in result.accuracy) and all(n > 0 for n in result.nll)
+    assert result.margin[-1] > 0  # a few steps at this rate raise the chosen answers' log-ratios
+
+
 def test_win_rate_counts_and_interval():
     prompts = [CAPITAL, CAPITAL, CAPITAL, SUM]
     result = win_rate(prompts, ["Paris", "Paris", "Lyon", "7"], ["Lyon", "Paris", "Paris", "8"])
