@@ -258,7 +258,7 @@ def _sft_batches() -> list[dict]:
 def _learner_steps(learner_fn: Callable, batches: list[dict], lr: float):
     model = _tiny_llama().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    losses = [float(learner_fn(model, batch, optimizer)) for batch in batches]
+    losses = [float(torch.as_tensor(learner_fn(model, batch, optimizer)).detach()) for batch in batches]
     return losses, [p.detach().clone() for p in model.parameters()]
 
 
@@ -281,7 +281,7 @@ def _hand_steps(batches: list[dict], lr: float, shift: bool = True, clip: bool =
         optimizer.step()
         if zero:
             optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses, [p.detach().clone() for p in model.parameters()]
 
 
