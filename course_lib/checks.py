@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -104,6 +104,91 @@ def _run_cases(name, learner_fn, cases, atol, rtol) -> CheckResult:
     return CheckResult(name, True, f"{len(cases)} case(s) match")
 
 
+# ----------------------------------------------------------------------------- predict-then-run, open experiments
+
+def check_prediction(question: str, prediction: Any, outcome: Any, choices: Sequence | None = None,
+                     why: str = "", within: float | None = None) -> CheckResult:
+    """Predict-then-run: the learner's `prediction` (a value, or a function returning it), written
+    before the run, against the `outcome` the run measured. With `choices`, the prediction must be
+    one of them and equal the outcome; with `within`, a number within a factor `within` of the
+    measured one. `why` explains the outcome, whatever the verdict."""
+    if choices is not None and outcome not in choices:
+        raise ValueError(f"outcome must be one of {list(choices)}, got {outcome!r}")
+    name = f"prediction: {question}"
+    if callable(prediction):
+        prediction, failed = _learner_call(name, "your prediction", prediction)
+        if failed is not None:
+            return report(failed)
+    if choices is not None and prediction not in choices:
+        return report(CheckResult(name, False, f"answer with one of {', '.join(map(repr, choices))}; "
+                                               f"got {_short(prediction)}"))
+    if within is not None:
+        if not isinstance(prediction, (int, float)) or isinstance(prediction, bool) or not prediction > 0:
+            return report(CheckResult(name, False, f"predict a positive number, got {_short(prediction)}"))
+        ratio = max(prediction / outcome, outcome / prediction)
+        passed = ratio <= within
+        told = f"you predicted {prediction:.4g}; the run measured {outcome:.4g} ({ratio:.2g}x off, within {within:g}x passes)"
+    else:
+        passed = prediction == outcome
+        told = f"you predicted {prediction!r}; the run measured {outcome!r}"
+    return report(CheckResult(name, passed, told + (f"\n   why: {why}" if why else "")))
+
+
+TRENDS = {"increasing": 1, "decreasing": -1}
+
+
+def check_experiment(name: str, results: Mapping, recompute: Callable[[Any], Any], setting: str = "setting",
+                     trends: Mapping[str, str] | None = None, min_settings: int = 3, rtol: float = 1e-4,
+                     slack: float = 0.0, why: str = "") -> CheckResult:
+    """An open experiment, graded for consistency rather than a value: `results` maps each setting
+    the learner chose to {metric: value} (or one value); each must equal `recompute(setting)`, the same
+    metrics recomputed by course_lib from the learner's own outputs; with `trends`
+    ({metric: "increasing" | "decreasing"}) a metric that theory orders must follow the setting,
+    within a relative `slack`. `why` says why the trend must hold."""
+    result = _experiment(name, results, recompute, setting, dict(trends or {}), min_settings, rtol, slack)
+    if not result.passed and why and "should" in result.details:
+        result.details += f"\n   why: {why}"
+    return report(result)
+
+
+def _as_metrics(value: Any) -> dict:
+    return dict(value) if isinstance(value, Mapping) else {"result": value}
+
+
+def _experiment(name, results, recompute, setting, trends, min_settings, rtol, slack) -> CheckResult:
+    if not isinstance(results, Mapping) or len(results) < min_settings:
+        return CheckResult(name, False, f"try at least {min_settings} values of the {setting}; got "
+                                        f"{len(results) if isinstance(results, Mapping) else _short(results)}")
+    table = []
+    for key in sorted(results):
+        reported = _as_metrics(results[key])
+        try:
+            measured = _as_metrics(recompute(key))
+        except Exception as error:  # noqa: BLE001 - a learner's output that cannot be measured
+            return CheckResult(name, False, f"{setting} {key}: your outputs could not be measured again: "
+                                            f"{type(error).__name__}: {error}")
+        for metric, value in measured.items():
+            if metric not in reported:
+                return CheckResult(name, False, f"{setting} {key}: report {metric!r} too (got {sorted(reported)})")
+            mine = reported[metric]
+            if not isinstance(mine, (int, float)) or isinstance(mine, bool) or mine != mine:
+                return CheckResult(name, False, f"{setting} {key}: {metric} must be a number, got {_short(mine)}")
+            if abs(mine - value) > rtol * abs(value) + 1e-12:
+                return CheckResult(name, False, f"{setting} {key}: you report {metric} = {mine:.6g}, but your "
+                                                f"own outputs give {value:.6g}: report what your code measured")
+        table.append((key, measured))
+    for metric, direction in trends.items():
+        sign = TRENDS[direction]
+        for (a, low), (b, high) in zip(table, table[1:]):
+            if sign * (high[metric] - low[metric]) < -slack * abs(low[metric]):
+                return CheckResult(name, False, f"{metric} should be {direction} in the {setting}, but "
+                                                f"{setting} {a} gives {low[metric]:.4g} and {b} gives {high[metric]:.4g}")
+    shown = "; ".join(f"{k}: " + ", ".join(f"{m} {v:.4g}" for m, v in ms.items()) for k, ms in table)
+    ordered = f", {', '.join(f'{m} {d}' for m, d in trends.items())} as theory says" if trends else ""
+    return CheckResult(name, True, f"{len(table)} settings, each result recomputed from your outputs{ordered}."
+                                   f"\n   {shown}")
+
+
 # ----------------------------------------------------------------------------- chapter 00
 
 def check_bytes_at_precision(learner_fn: Callable[[int, float], float]) -> CheckResult:
@@ -151,6 +236,116 @@ def check_sft_labels(learner_fn: Callable) -> CheckResult:
     cases = [((ids, lengths, attention), {}, response_labels(ids, lengths, attention))
              for lengths in ([2, 3, 0], [4, 1, 6], [1, 4, 5])]
     return run_check("sft_labels", learner_fn, cases)
+
+
+def _tiny_llama(vocab_size: int = 64, seed: int = 0, pad_token_id: int = 0):
+    """A 2-layer Llama with random weights, made on a forked random stream: a model a training
+    step can be checked on in milliseconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .runtime import seeded
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=pad_token_id)
+    with seeded(seed):
+        return LlamaForCausalLM(config).eval()
+
+
+def _sft_batches() -> list[dict]:
+    from .train import response_labels
+
+    g = torch.Generator().manual_seed(9)
+    batches = []
+    for lengths, kept in [([3, 5], [10, 8]), ([2, 4, 6], [10, 10, 7])]:
+        ids = torch.randint(1, 64, (len(lengths), 10), generator=g)
+        attention = (torch.arange(10).unsqueeze(0) < torch.tensor(kept).unsqueeze(1)).long()
+        ids = ids.masked_fill(attention == 0, 0)
+        batches.append({"input_ids": ids, "attention_mask": attention,
+                        "labels": response_labels(ids, lengths, attention)})
+    return batches
+
+
+def _learner_steps(learner_fn: Callable, batches: list[dict], lr: float):
+    model = _tiny_llama(seed=9).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    losses = [float(torch.as_tensor(learner_fn(model, batch, optimizer)).detach()) for batch in batches]
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+def _hand_steps(batches: list[dict], lr: float, shift: bool = True, clip: bool = True, zero: bool = True):
+    """Plain SFT steps with one mistake switched on: the checks' way to name what a learner missed."""
+    import torch.nn.functional as F
+
+    model = _tiny_llama(seed=9).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"]
+        if shift:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if zero:
+            optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+def check_sft_step(learner_fn: Callable) -> CheckResult:
+    """Chapter 03, the training loop by hand: `learner_fn(model, batch, optimizer)` does one SFT step
+    (the next-token cross-entropy of the label tokens, backward, gradient norm clipped to 1, the
+    optimizer's step, gradients zeroed) and returns the loss. Compared with `course_lib.train.train`
+    with `lm_loss` over two batches: the losses and every parameter afterwards."""
+    from .train import lm_loss, train
+
+    batches, lr = _sft_batches(), 1e-2
+    reference = _tiny_llama(seed=9)
+    run = train(reference, lm_loss, batches, steps=len(batches), lr=lr, progress=False)
+    expected = (run.losses, [p.detach().clone() for p in reference.parameters()])
+    name = "sft_step"
+    try:
+        actual = _learner_steps(learner_fn, batches, lr)
+    except NotImplementedError:
+        return report(CheckResult(name, False, "the function still raises NotImplementedError: "
+                                               "replace `# YOUR CODE HERE` with your code"))
+    except Exception as error:  # a learner's bug: show where, briefly
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        return report(CheckResult(name, False, f"a step raised {type(error).__name__}: {error} "
+                                               f"(line {where.lineno}: {where.line})"))
+    why = describe_difference(actual[0], expected[0], 1e-5, 1e-4)
+    if why is not None:
+        result = CheckResult(name, False, f"the losses of two steps: {why}")
+        if describe_difference(actual[0][:1], _hand_steps(batches, lr, shift=False)[0][:1], 1e-5, 1e-4) is None:
+            result.details += "\n   hint: the logits at position t predict the token at t + 1: drop the last logit and the first label"
+        elif describe_difference(actual[0], _hand_steps(batches, lr, zero=False)[0], 1e-5, 1e-4) is None:
+            result.details += "\n   hint: zero the gradients after each step, or the next step adds them up"
+        return report(result)
+    why = describe_difference(actual[1], expected[1], 1e-5, 1e-4)
+    if why is not None:
+        result = CheckResult(name, False, f"the losses match, but the parameters after the steps differ ({why})")
+        if describe_difference(actual[1], _hand_steps(batches, lr, clip=False)[1], 1e-5, 1e-4) is None:
+            result.details += "\n   hint: clip the gradient norm to 1.0 (torch.nn.utils.clip_grad_norm_) before the step"
+        return report(result)
+    return report(CheckResult(name, True, f"{len(batches)} steps: the same losses and parameters as course_lib.train"))
+
+
+def check_temperature_experiment(first_logits: torch.Tensor, results: Mapping, samples: Mapping) -> CheckResult:
+    """Chapter 03, open experiment: the teacher writing at several temperatures. Per temperature T,
+    the entropy (nats) of its first-token distribution softmax(logits / T) — which rises with T — and
+    the share of distinct answers among the learner's own samples at T."""
+    def recompute(temperature):
+        if not temperature > 0:
+            raise ValueError("sampling temperatures must be > 0 (greedy decoding is the limit T → 0)")
+        log_p = torch.log_softmax(first_logits.double() / temperature, dim=-1)
+        answers = list(samples[temperature])
+        return {"entropy": float(-(log_p.exp() * log_p).sum()), "distinct share": len(set(answers)) / len(answers)}
+
+    return check_experiment("temperature experiment", results, recompute, "temperature", {"entropy": "increasing"},
+                            slack=1e-6, why="dividing the logits by a larger T flattens the softmax")
 
 
 # ----------------------------------------------------------------------------- chapter 04
@@ -245,6 +440,22 @@ def check_group_quantize(learner_fn: Callable) -> CheckResult:
                             "view x as [..., n // group_size, group_size] and take the max over the last axis")
 
 
+def check_group_size_experiment(weight: torch.Tensor, results: Mapping, reconstructed: Mapping,
+                                 bits: int) -> CheckResult:
+    """Chapter 01, open experiment: per-group absmax at the group sizes the learner chose. Each
+    reported error must be ‖W − Ŵ‖/‖W‖ of the learner's own reconstruction Ŵ, and bits/weight
+    bits + 32/g (a float32 scale per g weights); the error may not fall as groups grow."""
+    from .quant import relative_error
+
+    def recompute(group_size):
+        return {"bits/weight": bits + 32 / group_size, "error": relative_error(weight, reconstructed[group_size])}
+
+    return check_experiment("group size experiment", results, recompute, "group size",
+                            {"error": "increasing", "bits/weight": "decreasing"}, slack=0.01,
+                            why="a larger group shares its scale with more weights, so its largest |w| (and "
+                                "the step) can only grow; the error follows, up to rounding luck")
+
+
 def check_dequantize(learner_fn: Callable) -> CheckResult:
     """Chapter 01: x̂ = q · scale, or (q − zero_point) · scale, per tensor, per channel or per group."""
     from .quant import absmax_quantize, dequantize, zeropoint_quantize
@@ -286,6 +497,76 @@ def check_w8a16_forward(learner_fn: Callable) -> CheckResult:
         if _run_cases("w8a16_forward", learner_fn, unscaled, 1e-5, 1e-4).passed:
             result.details += "\n   hint: the INT8 weights need their scale: W ≈ weight · weight_scale"
     return report(result)
+
+
+def check_w8a8_forward(learner_fn: Callable) -> CheckResult:
+    """Chapter 02: W8A8 by hand. Each row (token) of x absmax-quantized to INT8, an INT8 × INT8 matmul
+    with int32 sums, dequantized by s_x ⊗ s_w, plus the bias: y = (X_q @ W_qᵀ) · (s_x ⊗ s_w) + b."""
+    from torch import nn
+
+    from .int8_inference import Int8Linear
+    from .runtime import seeded
+
+    layers, cases = [], []
+    with seeded(8):  # the same layers every time, and the learner's random stream left alone
+        for (k, n, bias, shape, spike) in [(16, 8, True, (3, 16), 1.0), (32, 12, False, (2, 5, 32), 1.0),
+                                           (32, 8, True, (6, 32), 40.0)]:
+            layer = Int8Linear.from_float(nn.Linear(k, n, bias=bias), "w8a8")
+            x = torch.randn(shape)
+            x[..., 0, 3] *= spike  # one token with a large feature: per-token scales matter
+            with torch.no_grad():
+                cases.append(((layer, x), {}, layer(x)))
+            layers.append(layer)
+    result = _run_cases("w8a8_forward", learner_fn, cases, 1e-5, 1e-4)
+    if not result.passed:
+        def per_tensor(layer, x):
+            rows = x.reshape(-1, layer.in_features)
+            s_x = rows.abs().max() / 127
+            y = torch.round(rows / s_x) @ layer.weight.float().t() * s_x * layer.weight_scale.view(1, -1)
+            return (y if layer.bias is None else y + layer.bias).view(*x.shape[:-1], -1)
+
+        def unscaled(layer, x):
+            return torch.nn.functional.linear(x, layer.weight.float(), layer.bias)
+
+        for wrong, hint in [(per_tensor, "one scale per token (row of x, max over its features), not one "
+                                         "for the whole tensor"),
+                            (unscaled, "quantize x, and multiply the int32 sums by s_x ⊗ s_w")]:
+            near = [(args, kw, wrong(*args)) for args, kw, _ in cases]
+            if _run_cases("w8a8_forward", learner_fn, near, 1e-5, 1e-4).passed:
+                result.details += f"\n   hint: {hint}"
+                break
+    return report(result)
+
+
+def check_smoothing_experiment(x: torch.Tensor, weight: torch.Tensor, results: Mapping,
+                               smoothed: Mapping) -> CheckResult:
+    """Chapter 02, open experiment: SmoothQuant's α. smoothed[α] = (X/s, W·s), the learner's own;
+    it must still compute X·Wᵀ. Recomputed per α: the spread (largest / median per-input-channel
+    max |·|) of activations and weights, and the W8A8 error (per token × per channel INT8) of
+    the product. With s_j = max|X_j|^α / max|W_j|^(1−α) the activation spread falls and the weight
+    spread grows with α, exactly; where the error is lowest is the experiment's finding."""
+    from .quant import fake_quantize, relative_error
+
+    exact = x.double() @ weight.double().t()
+
+    def spread(t: torch.Tensor) -> float:
+        channel_max = t.abs().reshape(-1, t.shape[-1]).amax(dim=0)
+        return float(channel_max.max() / channel_max.median())
+
+    def recompute(alpha):
+        x_s, w_s = smoothed[alpha]
+        gap = float((x_s.double() @ w_s.double().t() - exact).norm() / exact.norm())
+        if gap > 1e-4:
+            raise ValueError(f"(X/s)·(W·s)ᵀ differs from X·Wᵀ by {gap:.2g} (relative): divide X's input "
+                             f"channels by s and multiply W's by the same s")
+        y = fake_quantize(x_s, 8, dim=-1) @ fake_quantize(w_s, 8, dim=-1).t()
+        return {"activation spread": spread(x_s), "weight spread": spread(w_s),
+                "W8A8 error": relative_error(exact.float(), y)}
+
+    return check_experiment("SmoothQuant alpha experiment", results, recompute, "alpha",
+                            {"activation spread": "decreasing", "weight spread": "increasing"}, slack=1e-3,
+                            why="after smoothing, channel j's activation max is (max|X_j|·max|W_j|)^(1−α) "
+                                "and its weight max is the same product to the power α")
 
 
 # ----------------------------------------------------------------------------- chapter 07
@@ -365,42 +646,7 @@ def check_average_orders(learner_fn: Callable) -> CheckResult:
     return report(result)
 
 
-# ----------------------------------------------------------------------------- predict, then run
-
-def check_predicted_outcome(question: str, prediction: Any, observed: Any, choices: Sequence,
-                            explanation: str = "") -> CheckResult:
-    """Predict-then-run: the learner's `prediction` (one of `choices`, or a function returning it)
-    against what the run just `observed`; the verdict names both and, either way, `explanation`."""
-    if observed not in choices:
-        raise ValueError(f"observed must be one of {list(choices)}, got {observed!r}")
-    name = f"prediction: {question}"
-    if callable(prediction):
-        try:
-            prediction = prediction()
-        except NotImplementedError:
-            return report(CheckResult(name, False, "the prediction still raises NotImplementedError: "
-                                                   "replace `# YOUR CODE HERE` with your answer"))
-    if prediction not in choices:
-        return report(CheckResult(name, False, f"answer with one of {', '.join(map(repr, choices))}; "
-                                               f"got {_short(prediction)}"))
-    details = f"you predicted {prediction!r}; the run shows {observed!r}"
-    return report(CheckResult(name, prediction == observed, details + (f"\n   {explanation}" if explanation else "")))
-
-
 # ----------------------------------------------------------------------------- write the loop (04-06)
-
-def _tiny_llama(vocab_size: int = 64, seed: int = 0, pad_token_id: int = 0):
-    """A 2-layer Llama with random weights, made on a forked random stream: a model a training
-    step can be checked on in milliseconds."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from .runtime import seeded
-
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=pad_token_id)
-    with seeded(seed):
-        return LlamaForCausalLM(config).eval()
-
 
 def _trainable(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])

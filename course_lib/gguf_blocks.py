@@ -201,6 +201,39 @@ def read_gguf_tensor(path: str | Path, name: str) -> GGUFTensor:
         return gguf.tensor(name)
 
 
+def gguf_size_parts(path: str | Path) -> list[dict]:
+    """Where a GGUF file's bytes go (chapter 00): the metadata before the tensor data (header,
+    key–values, tensor index), its tokenizer entries (vocabulary, merges, chat template) counted
+    apart, then the tensors grouped by block format, each row with its weights and bits per weight.
+    The rows' bytes add up to the file's size (any alignment padding has a row of its own)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    tokenizer = sum(sum(part.nbytes for part in field.parts)
+                    for name, field in reader.fields.items() if name.startswith("tokenizer."))
+    rows = [{"part": "metadata: tokenizer", "tensors": 0, "weights": 0, "bytes": tokenizer},
+            {"part": "metadata: the rest", "tensors": 0, "weights": 0, "bytes": reader.data_offset - tokenizer}]
+    formats: dict[str, dict] = {}
+    for t in reader.tensors:
+        row = formats.setdefault(t.tensor_type.name, {"part": t.tensor_type.name, "tensors": 0, "weights": 0,
+                                                      "bytes": 0, "names": []})
+        row["tensors"] += 1
+        row["weights"] += int(t.n_elements)
+        row["bytes"] += int(t.n_bytes)
+        row["names"].append(t.name)
+    padding = Path(path).stat().st_size - reader.data_offset - sum(r["bytes"] for r in formats.values())
+    del reader  # its memory map closes with it
+    for row in formats.values():
+        names = row.pop("names")
+        row["part"] = f"{row['part']}: " + (names[0] if len(names) == 1 else f"{len(names)} tensors")
+        rows.append(row)
+    if padding:
+        rows.append({"part": "alignment padding", "tensors": 0, "weights": 0, "bytes": padding})
+    for row in rows:
+        row["bits/weight"] = 8 * row["bytes"] / row["weights"] if row["weights"] else None
+    return rows
+
+
 def decode_tensor(tensor: GGUFTensor) -> torch.Tensor:
     """A GGUF tensor decoded to float32 in torch's [rows, columns] order (F32 tensors are copied)."""
     if tensor.qtype == "F32":

@@ -137,3 +137,18 @@ def test_reading_one_tensor_parses_once_and_leaves_no_map_open():
     assert _maps(path) == before
     assert np.array_equal(tensors[0].raw, read_gguf_tensors(path)[tensors[0].name].raw)
     assert np.array_equal(one.raw, read_gguf_tensors(path)["output_norm.weight"].raw)
+
+
+def test_the_files_bytes_split_into_metadata_and_tensors_by_format():
+    from course_lib.gguf_blocks import gguf_size_parts
+    from course_lib.models import teacher_gguf_path
+
+    path = teacher_gguf_path()
+    before = _maps(path)
+    parts = {row["part"]: row for row in gguf_size_parts(path)}
+    assert _maps(path) == before, "the reader's map must close"
+    assert sum(row["bytes"] for row in parts.values()) == path.stat().st_size
+    embedding = parts["Q8_0: token_embd.weight"]
+    assert embedding["weights"] == 49152 * 576 and embedding["bits/weight"] == 8.5  # 34 bytes a block of 32
+    assert parts["Q4_1: 210 tensors"]["bits/weight"] == 5.0
+    assert 0 < parts["metadata: the rest"]["bytes"] < parts["metadata: tokenizer"]["bytes"]
