@@ -17,7 +17,7 @@ from .teacher_data import teacher_dataset
 from .train import sft_batches
 
 
-def calibration_batches(tokenizer=None, n_examples: int = 16, max_length: int = 128,
+def calibration_batches(tokenizer=None, n_examples: int = 8, max_length: int = 128,
                         batch_size: int = 8) -> list[dict]:
     """Calibration text: the first `n_examples` teacher-written *training* answers (with their
     prompts), never the held-out answers or the human corpus the chapters evaluate on."""
