@@ -382,10 +382,12 @@ def save_student(model, recipe: dict, metrics: dict | None = None) -> Path:
     return target
 
 
-def warm_start(teacher, tokenizer, recipe: dict, train_batches: Sequence[dict], progress: bool = True):
-    """The student every chapter-04 method starts from: `make_student`, then `warm_start_steps` of
-    SFT on the teacher's text (MiniLLM and GKD, too, start from a fine-tuned student)."""
-    student = make_student(teacher, recipe["n_layers"])
+def warm_start(teacher, tokenizer, recipe: dict, train_batches: Sequence[dict], progress: bool = True,
+               layers: Sequence[int] | None = None):
+    """The student every chapter-04 method starts from: `make_student` (the measured `layers` unless
+    given), then `warm_start_steps` of SFT on the teacher's text (MiniLLM and GKD, too, start from a
+    fine-tuned student)."""
+    student = make_student(teacher, recipe["n_layers"], layers)
     if recipe["warm_start_steps"]:
         distill(student, "sft", train_batches, steps=recipe["warm_start_steps"], lr=recipe["lr"],
                 warmup_steps=recipe["warmup_steps"], seed=recipe["seed"], progress=progress)
@@ -393,12 +395,12 @@ def warm_start(teacher, tokenizer, recipe: dict, train_batches: Sequence[dict], 
 
 
 def run_recipe(teacher, tokenizer, recipe: dict, train_batches: Sequence[dict], start=None,
-               progress: bool = True):
-    """Distill a copy of `start` (default: a fresh `warm_start`) by the recipe's method for its steps,
-    on `train_batches` (teacher-scored) from where the warm start stopped. Returns (student,
-    TrainResult). Chapter 04 runs every method this way, the capstone its one."""
+               progress: bool = True, layers: Sequence[int] | None = None):
+    """Distill a copy of `start` (default: a fresh `warm_start` from `layers`) by the recipe's method
+    for its steps, on `train_batches` (teacher-scored) from where the warm start stopped. Returns
+    (student, TrainResult). Chapter 04 runs every method this way, the capstone its one."""
     student = copy.deepcopy(start) if start is not None else warm_start(teacher, tokenizer, recipe, train_batches,
-                                                                        progress)
+                                                                        progress, layers)
     offset = recipe["warm_start_steps"] % len(train_batches)
     prompts = [r["prompt"] for r in teacher_dataset("train", n=recipe["train_examples"])]
     result = distill(student, recipe["method"], list(train_batches[offset:]) + list(train_batches[:offset]),
