@@ -34,7 +34,7 @@ from .scoring import response_logits, response_mask  # noqa: F401 (distill.respo
 from .teacher_data import dataset_sha256, teacher_dataset
 from .train import TrainResult, lm_loss, process_rank, sft_batches, train
 
-STUDENT_VERSION = 1  # bump when a change to the training code makes cached students stale
+STUDENT_VERSION = 2  # bump when a change to the training code makes cached students stale
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "hinton")
 METHODS = ("sft",) + DIVERGENCES + ("on_policy_jsd",)
 
@@ -285,12 +285,12 @@ def on_policy_stream(student, teacher, tokenizer, prompts: Sequence[str], offlin
 def distill(student, method: str, batches: Sequence[dict], steps: int, lr: float = 1e-4,
             teacher=None, tokenizer=None, prompts: Sequence[str] = (), lmbda: float = 0.5,
             temperature: float = 1.0, beta: float = 0.5, max_new_tokens: int = 64, grad_accum: int = 1,
-            warmup_steps: int = 0, seed: int = 0, progress: bool = True) -> TrainResult:
+            warmup_steps: int = 0, cosine: bool = False, seed: int = 0, progress: bool = True) -> TrainResult:
     """Train `student` in place by `method` (see METHODS) for `steps` steps with the shared loop.
 
     "sft" learns the teacher's text (sequence-level KD, Kim & Rush 2016); the divergences learn the
     teacher's logits carried by `batches`; "on_policy_jsd" mixes in the student's own samples for
-    `prompts`, scored by `teacher` (GKD).
+    `prompts`, scored by `teacher` (GKD). `cosine` decays the learning rate after the warmup.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -309,7 +309,7 @@ def distill(student, method: str, batches: Sequence[dict], steps: int, lr: float
     else:
         loss_fn = token_kd_loss(method, teacher=teacher, temperature=temperature, beta=beta)
     return train(student, loss_fn, stream, steps=steps, lr=lr, grad_accum=grad_accum, seed=seed,
-                 progress=progress, desc=method, warmup_steps=warmup_steps)
+                 progress=progress, desc=method, warmup_steps=warmup_steps, cosine=cosine)
 
 
 @torch.no_grad()
@@ -340,15 +340,24 @@ def kd_data(teacher, tokenizer, train_examples: int, heldout_examples: int, batc
     return tuple([with_teacher_logits(teacher, b) for b in part] for part in batches)
 
 
-def capstone_recipe(budget=None) -> dict:
-    """How the chapter-04 student that the capstone (chapter 07) reuses is made: `profile().distill`."""
+def chapter_recipe(budget=None) -> dict:
+    """How chapter 04 compares its methods (`profile().distill`): a `student_layers` student with the
+    teacher's most influential layers (`make_student`), a warm start, then `steps` at a learning rate
+    that decays by a cosine after the warmup."""
     b = budget if budget is not None else profile().distill
     return {"n_layers": b.student_layers, "method": b.capstone_method, "warm_start_steps": b.warm_start_steps,
-            "steps": b.steps, "lr": b.lr,
+            "steps": b.steps, "lr": b.lr, "cosine": True,
             "train_examples": b.train_examples, "batch_size": b.batch_size, "max_length": b.max_length,
             "warmup_steps": b.warmup_steps, "temperature": b.temperature, "lmbda": b.lmbda,
             "on_policy_new_tokens": b.on_policy_new_tokens, "seed": 0, "data_sha256": dataset_sha256(),
             "version": STUDENT_VERSION}
+
+
+def capstone_recipe(budget=None) -> dict:
+    """The student the capstone (chapter 07) ships: chapter 04's recipe with `capstone_method`,
+    `capstone_layers` layers and `capstone_steps` steps (in the ci profile, the chapter's own student)."""
+    b = budget if budget is not None else profile().distill
+    return {**chapter_recipe(b), "n_layers": b.capstone_layers, "steps": b.capstone_steps}
 
 
 def student_path(recipe: dict) -> Path:
@@ -374,10 +383,12 @@ def save_student(model, recipe: dict, metrics: dict | None = None) -> Path:
     return target
 
 
-def warm_start(teacher, tokenizer, recipe: dict, train_batches: Sequence[dict], progress: bool = True):
-    """The student every chapter-04 method starts from: `make_student`, then `warm_start_steps` of
-    SFT on the teacher's text (MiniLLM and GKD, too, start from a fine-tuned student)."""
-    student = make_student(teacher, recipe["n_layers"])
+def warm_start(teacher, tokenizer, recipe: dict, train_batches: Sequence[dict], progress: bool = True,
+               layers: Sequence[int] | None = None):
+    """The student every chapter-04 method starts from: `make_student` (the measured `layers` unless
+    given), then `warm_start_steps` of SFT on the teacher's text (MiniLLM and GKD, too, start from a
+    fine-tuned student)."""
+    student = make_student(teacher, recipe["n_layers"], layers)
     if recipe["warm_start_steps"]:
         distill(student, "sft", train_batches, steps=recipe["warm_start_steps"], lr=recipe["lr"],
                 warmup_steps=recipe["warmup_steps"], seed=recipe["seed"], progress=progress)
@@ -385,19 +396,19 @@ def warm_start(teacher, tokenizer, recipe: dict, train_batches: Sequence[dict], 
 
 
 def run_recipe(teacher, tokenizer, recipe: dict, train_batches: Sequence[dict], start=None,
-               progress: bool = True):
-    """Distill a copy of `start` (default: a fresh `warm_start`) by the recipe's method for its steps,
-    on `train_batches` (teacher-scored) from where the warm start stopped. Returns (student,
-    TrainResult). Chapter 04 runs every method this way, the capstone its one."""
+               progress: bool = True, layers: Sequence[int] | None = None):
+    """Distill a copy of `start` (default: a fresh `warm_start` from `layers`) by the recipe's method
+    for its steps, on `train_batches` (teacher-scored) from where the warm start stopped. Returns
+    (student, TrainResult). Chapter 04 runs every method this way, the capstone its one."""
     student = copy.deepcopy(start) if start is not None else warm_start(teacher, tokenizer, recipe, train_batches,
-                                                                        progress)
+                                                                        progress, layers)
     offset = recipe["warm_start_steps"] % len(train_batches)
     prompts = [r["prompt"] for r in teacher_dataset("train", n=recipe["train_examples"])]
     result = distill(student, recipe["method"], list(train_batches[offset:]) + list(train_batches[:offset]),
                      steps=recipe["steps"], lr=recipe["lr"], teacher=teacher, tokenizer=tokenizer,
                      prompts=prompts, lmbda=recipe["lmbda"], temperature=recipe["temperature"],
                      max_new_tokens=recipe["on_policy_new_tokens"], warmup_steps=recipe["warmup_steps"],
-                     seed=recipe["seed"], progress=progress)
+                     cosine=recipe["cosine"], seed=recipe["seed"], progress=progress)
     return student, result
 
 

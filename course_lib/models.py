@@ -171,25 +171,35 @@ def _prepare_tokenizer(tokenizer):
     return tokenizer
 
 
+def _teacher_source() -> str | Path:
+    """Where the teacher loads from: the offline cache (default) or, with COURSE_TEACHER_SOURCE=hub, the hub."""
+    source = os.environ.get("COURSE_TEACHER_SOURCE", "offline").lower()
+    if source == "hub":
+        return TEACHER_HUB_ID
+    if source == "offline":
+        return ensure_teacher_checkpoint()
+    raise ValueError(f"COURSE_TEACHER_SOURCE must be 'offline' or 'hub', got {source!r}")
+
+
+def load_tokenizer():
+    """The teacher's tokenizer, padding on the left (for generation), with a pad token."""
+    from transformers import AutoTokenizer
+
+    return _prepare_tokenizer(AutoTokenizer.from_pretrained(_teacher_source()))
+
+
 def load_teacher(dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
     """SmolLM2-135M-Instruct as (model, tokenizer), from the offline cache (built on first use).
 
     COURSE_TEACHER_SOURCE=hub takes the original weights from the model hub instead (opt-in,
     needs internet). The model is in eval mode on `device` (default: `pick_device()`).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {dtype!r}")
-    source = os.environ.get("COURSE_TEACHER_SOURCE", "offline").lower()
-    if source == "hub":
-        where: str | Path = TEACHER_HUB_ID
-    elif source == "offline":
-        where = ensure_teacher_checkpoint()
-    else:
-        raise ValueError(f"COURSE_TEACHER_SOURCE must be 'offline' or 'hub', got {source!r}")
-    tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(where))
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+    tokenizer = load_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(_teacher_source(), dtype=dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(device or pick_device()).eval(), tokenizer
 
@@ -205,17 +215,27 @@ def spread_layers(n_teacher: int, n_student: int) -> list[int]:
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
 
 
-def make_student(teacher: nn.Module, n_layers: int, layers: Sequence[int] | None = None) -> nn.Module:
+def make_student(teacher: nn.Module, n_layers: int, layers: Sequence[int] | None = None,
+                 calibration: Sequence[dict] | None = None) -> nn.Module:
     """A shallower copy of `teacher`: same family, width and tokenizer, `n_layers` decoder layers.
 
     DistilBERT-style initialization (Sanh et al. 2019): the embeddings, final norm and head are
-    copied, and each student layer starts as a copy of a teacher layer, by default spread evenly
-    from the first to the last (`spread_layers`). Chapters 03-04 distill into it.
+    copied, and each student layer starts as a copy of a teacher layer: by default the `n_layers`
+    of highest block influence on `calibration` batches (ShortGPT, `pruning.measured_layers`),
+    or the given `layers` (`spread_layers` for an even spread). Chapters 03-04 distill into it.
     """
+    from .pruning import measured_layers  # pruning builds on this module
+
     config = teacher.config.__class__.from_dict(teacher.config.to_dict())
-    layers = list(layers) if layers is not None else spread_layers(config.num_hidden_layers, n_layers)
-    if len(layers) != n_layers or not all(0 <= i < config.num_hidden_layers for i in layers):
-        raise ValueError(f"layers must be {n_layers} indices in 0..{config.num_hidden_layers - 1}, "
+    n_teacher = config.num_hidden_layers
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= n_teacher:
+        raise ValueError(f"n_layers must be an int between 1 and the teacher's {n_teacher}, got {n_layers!r}")
+    if layers is None:
+        layers = measured_layers(teacher, n_layers, calibration)
+    layers = list(layers)
+    if len(layers) != n_layers or layers != sorted(set(layers)) or not all(
+            isinstance(i, int) and 0 <= i < n_teacher for i in layers):
+        raise ValueError(f"layers must be {n_layers} distinct increasing indices in 0..{n_teacher - 1}, "
                          f"got {layers}")
     config.num_hidden_layers = n_layers
     if getattr(config, "layer_types", None) is not None:

@@ -11,6 +11,7 @@ passes run in bfloat16 autocast with TF32 matmuls; a CPU trains in float32.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -127,10 +128,19 @@ def tf32_matmuls(device: torch.device) -> Iterator[None]:
         torch.set_float32_matmul_precision(saved)
 
 
+def lr_factor(step: int, steps: int, warmup_steps: int = 0, cosine: bool = False) -> float:
+    """The learning rate of optimizer step `step` (from 0) as a fraction of the peak: a linear warmup
+    over `warmup_steps`, then constant, or with `cosine` ½(1 + cos(π·t)), t = the fraction of the
+    steps after the warmup already taken (Loshchilov & Hutter 2017)."""
+    if step < warmup_steps or not cosine:
+        return min(1.0, (step + 1) / (warmup_steps + 1))
+    return 0.5 * (1 + math.cos(math.pi * min((step - warmup_steps) / max(steps - warmup_steps, 1), 1.0)))
+
+
 def train(model, loss_fn: Callable, batches: Sequence | Iterable, steps: int, lr: float = 1e-4,
           grad_accum: int = 1, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
           seed: int = 0, progress: bool = True, desc: str = "training", accelerator=None,
-          warmup_steps: int = 0, weight_fn: Callable | None = None) -> TrainResult:
+          warmup_steps: int = 0, weight_fn: Callable | None = None, cosine: bool = False) -> TrainResult:
     """Minimize `loss_fn(model, batch)` for `steps` optimizer steps of `grad_accum` micro-batches.
 
     `loss_fn` returns the mean loss of its batch and `weight_fn(batch)` how many units that mean
@@ -141,7 +151,8 @@ def train(model, loss_fn: Callable, batches: Sequence | Iterable, steps: int, lr
     are all-reduced once per step (`no_sync` on the other micro-batches).
     `batches` is a list (cycled) or an iterator (e.g. on-policy samples drawn as training goes).
     Only parameters with requires_grad train (LoRA: the adapters). `warmup_steps` ramps the
-    learning rate linearly up to `lr` (short runs from a broken start diverge less). Seeded on a
+    learning rate linearly up to `lr` (short runs from a broken start diverge less); `cosine` then
+    decays it towards 0 (`lr_factor`). Seeded on a
     forked random stream (the caller's is left as it was); trains `model` in place and leaves it in
     eval mode.
     """
@@ -160,7 +171,7 @@ def train(model, loss_fn: Callable, batches: Sequence | Iterable, steps: int, lr
         raise ValueError("the model has no trainable parameters (all requires_grad=False)")
     weight_fn = weight_fn or _default_weight
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup_steps + 1)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, warmup_steps, cosine))
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     wrapped.train()
     device = accelerator.device

@@ -266,7 +266,7 @@ def make_small_student(model):
     from course_lib.models import make_student
 
     torch.manual_seed(0)
-    return make_student(model, 2)
+    return make_student(model, 2, layers=[0, 29])  # chosen by hand: no calibration pass per test
 
 
 @pytest.mark.slow
@@ -283,3 +283,15 @@ def test_distilled_student_is_cached_and_reloaded(teacher, tmp_path, monkeypatch
         assert torch.equal(a, b), name
     assert [p.name for p in (tmp_path / "students").iterdir()] == [info["path"].name]  # no temporary left
     assert distill.student_path({**recipe, "steps": 2}) != info["path"]
+
+
+def test_capstone_recipe_is_the_chapter_recipe_deeper_and_longer():
+    from course_lib.runtime import profile
+
+    for name in ("ci", "laptop", "gpu"):
+        b = profile(name).distill
+        chapter, capstone = distill.chapter_recipe(b), distill.capstone_recipe(b)
+        assert capstone == {**chapter, "n_layers": b.capstone_layers, "steps": b.capstone_steps}
+        assert chapter["cosine"] and chapter["n_layers"] == b.student_layers
+    ci = profile("ci").distill
+    assert distill.capstone_recipe(ci) == distill.chapter_recipe(ci)  # chapter 04 saves it in CI

@@ -167,7 +167,7 @@ def test_spread_layers():
 
 def test_student_copies_the_spread_of_teacher_layers(teacher):
     model, tokenizer = teacher
-    student = models.make_student(model, 3)
+    student = models.make_student(model, 3, layers=models.spread_layers(30, 3))
     assert student.config.num_hidden_layers == 3 and len(student.model.layers) == 3
     assert student.config.course_student_layers == [0, 14, 29]
     for s, t in zip(student.model.layers, [model.model.layers[i] for i in (0, 14, 29)]):
@@ -184,7 +184,7 @@ def test_student_rejects_bad_layer_choices(teacher):
     model, _ = teacher
     with pytest.raises(ValueError, match="between 1 and"):
         models.make_student(model, 31)
-    with pytest.raises(ValueError, match="layers must be 2 indices"):
+    with pytest.raises(ValueError, match="2 distinct increasing indices"):
         models.make_student(model, 2, layers=[0, 30])
 
 

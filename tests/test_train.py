@@ -258,3 +258,13 @@ def test_two_processes_accumulating_different_data_match_one_big_batch(tmp_path,
         torch.testing.assert_close(ranks[0]["state"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
         torch.testing.assert_close(ranks[1]["state"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
         torch.testing.assert_close(by_hand.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_lr_factor_warms_up_then_stays_or_decays_by_cosine():
+    from course_lib.train import lr_factor
+
+    assert [lr_factor(s, 10, 2) for s in (0, 1, 2, 9)] == [pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0, 1.0]
+    cosine = [lr_factor(s, 10, 2, cosine=True) for s in range(10)]
+    assert cosine[:3] == [pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0]
+    assert all(a > b for a, b in zip(cosine[2:], cosine[3:])) and 0 < cosine[-1] < 0.05
+    assert lr_factor(6, 10, 2, cosine=True) == pytest.approx(0.5)

@@ -1,0 +1,90 @@
+"""course_lib.pruning: ShortGPT block influence and the layers a student keeps, on tiny random Llamas."""
+import pytest
+import torch
+
+from course_lib import models, pruning
+from course_lib.runtime import seeded
+
+
+def tiny_llama(layers=4, vocab=64):
+    """A random Llama-shaped model (made on its own random stream), eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    with seeded(0):
+        return LlamaForCausalLM(config).eval()
+
+
+def calibration(vocab=64, rows=3, length=12):
+    with seeded(1):
+        ids = torch.randint(1, vocab, (rows, length))
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+
+
+def silence(model, index):
+    """Make layer `index` the identity: both residual branches write zeros, so x_out = x_in."""
+    layer = model.model.layers[index]
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+
+
+def test_block_influence_is_one_value_per_layer_in_range():
+    model = tiny_llama(layers=5)
+    influence = pruning.block_influence(model, calibration())
+    assert influence.shape == (5,) and influence.dtype == torch.float64
+    assert bool(((influence >= 0) & (influence <= 2)).all())
+    assert not model.training
+
+
+def test_a_layer_that_does_nothing_has_zero_influence_and_is_dropped_first():
+    model = tiny_llama(layers=4)
+    silence(model, 1)
+    silence(model, 2)
+    influence = pruning.block_influence(model, calibration())
+    assert influence[1] == pytest.approx(0, abs=1e-6) and influence[2] == pytest.approx(0, abs=1e-6)
+    assert influence[0] > 1e-3 and influence[3] > 1e-3
+    assert pruning.measured_layers(model, 2, calibration()) == [0, 3]
+    student = models.make_student(model, 2, calibration=calibration())
+    assert student.config.course_student_layers == [0, 3]
+
+
+def test_padding_does_not_count():
+    model = tiny_llama(layers=3)
+    row = calibration(rows=1)[0]["input_ids"]
+    padded = torch.cat([row, torch.zeros(1, 5, dtype=torch.long)], dim=1)
+    both = torch.cat([padded, padded])
+    mask = (both != 0).long()
+    plain = pruning.block_influence(model, [{"input_ids": row}])
+    with_pad = pruning.block_influence(model, [{"input_ids": both, "attention_mask": mask}])
+    torch.testing.assert_close(plain, with_pad, rtol=1e-5, atol=1e-6)
+
+
+def test_most_influential_keeps_n_distinct_sorted_indices():
+    assert pruning.most_influential([0.1, 0.5, 0.2, 0.9, 0.3], 3) == [1, 3, 4]
+    assert pruning.most_influential([0.2, 0.2, 0.2], 2) == [0, 1]  # ties: the earlier layer
+    for n in range(1, 6):
+        chosen = pruning.measured_layers(tiny_llama(layers=5), n, calibration())
+        assert chosen == sorted(set(chosen)) and len(chosen) == n and all(0 <= i < 5 for i in chosen)
+
+
+@pytest.mark.parametrize("n", [0, 6, -1, 2.0, True])
+def test_bad_sizes_are_refused(n):
+    with pytest.raises(ValueError, match="n_layers"):
+        pruning.most_influential([0.1] * 5, n)
+    with pytest.raises(ValueError, match="n_layers"):
+        models.make_student(tiny_llama(layers=5), n, calibration=calibration())
+
+
+@pytest.mark.parametrize("layers", [[0, 5], [0], [2, 1], [1, 1], [0, 1.0]])
+def test_bad_explicit_layers_are_refused(layers):
+    with pytest.raises(ValueError, match="distinct increasing indices"):
+        models.make_student(tiny_llama(layers=5), 2, layers=layers)
+
+
+def test_explicit_layers_win_and_block_influence_needs_batches():
+    student = models.make_student(tiny_llama(layers=5), 2, layers=[1, 4])
+    assert student.config.course_student_layers == [1, 4]
+    with pytest.raises(ValueError, match="non-empty"):
+        pruning.block_influence(tiny_llama(), [])
