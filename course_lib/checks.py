@@ -251,88 +251,6 @@ def _tiny_llama(vocab_size: int = 64, seed: int = 0, pad_token_id: int = 0):
         return LlamaForCausalLM(config).eval()
 
 
-def _sft_batches() -> list[dict]:
-    from .train import response_labels
-
-    g = torch.Generator().manual_seed(9)
-    batches = []
-    for lengths, kept in [([3, 5], [10, 8]), ([2, 4, 6], [10, 10, 7])]:
-        ids = torch.randint(1, 64, (len(lengths), 10), generator=g)
-        attention = (torch.arange(10).unsqueeze(0) < torch.tensor(kept).unsqueeze(1)).long()
-        ids = ids.masked_fill(attention == 0, 0)
-        batches.append({"input_ids": ids, "attention_mask": attention,
-                        "labels": response_labels(ids, lengths, attention)})
-    return batches
-
-
-def _learner_steps(learner_fn: Callable, batches: list[dict], lr: float):
-    model = _tiny_llama(seed=9).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    losses = [float(torch.as_tensor(learner_fn(model, batch, optimizer)).detach()) for batch in batches]
-    return losses, [p.detach().clone() for p in model.parameters()]
-
-
-def _hand_steps(batches: list[dict], lr: float, shift: bool = True, clip: bool = True, zero: bool = True):
-    """Plain SFT steps with one mistake switched on: the checks' way to name what a learner missed."""
-    import torch.nn.functional as F
-
-    model = _tiny_llama(seed=9).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    losses = []
-    for batch in batches:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"]
-        if shift:
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if zero:
-            optimizer.zero_grad()
-        losses.append(float(loss.detach()))
-    return losses, [p.detach().clone() for p in model.parameters()]
-
-
-def check_sft_step(learner_fn: Callable) -> CheckResult:
-    """Chapter 03, the training loop by hand: `learner_fn(model, batch, optimizer)` does one SFT step
-    (the next-token cross-entropy of the label tokens, backward, gradient norm clipped to 1, the
-    optimizer's step, gradients zeroed) and returns the loss. Compared with `course_lib.train.train`
-    with `lm_loss` over two batches: the losses and every parameter afterwards."""
-    from .train import lm_loss, train
-
-    batches, lr = _sft_batches(), 1e-2
-    reference = _tiny_llama(seed=9)
-    run = train(reference, lm_loss, batches, steps=len(batches), lr=lr, progress=False)
-    expected = (run.losses, [p.detach().clone() for p in reference.parameters()])
-    name = "sft_step"
-    try:
-        actual = _learner_steps(learner_fn, batches, lr)
-    except NotImplementedError:
-        return report(CheckResult(name, False, "the function still raises NotImplementedError: "
-                                               "replace `# YOUR CODE HERE` with your code"))
-    except Exception as error:  # a learner's bug: show where, briefly
-        where = traceback.extract_tb(error.__traceback__)[-1]
-        return report(CheckResult(name, False, f"a step raised {type(error).__name__}: {error} "
-                                               f"(line {where.lineno}: {where.line})"))
-    why = describe_difference(actual[0], expected[0], 1e-5, 1e-4)
-    if why is not None:
-        result = CheckResult(name, False, f"the losses of two steps: {why}")
-        if describe_difference(actual[0][:1], _hand_steps(batches, lr, shift=False)[0][:1], 1e-5, 1e-4) is None:
-            result.details += "\n   hint: the logits at position t predict the token at t + 1: drop the last logit and the first label"
-        elif describe_difference(actual[0], _hand_steps(batches, lr, zero=False)[0], 1e-5, 1e-4) is None:
-            result.details += "\n   hint: zero the gradients after each step, or the next step adds them up"
-        return report(result)
-    why = describe_difference(actual[1], expected[1], 1e-5, 1e-4)
-    if why is not None:
-        result = CheckResult(name, False, f"the losses match, but the parameters after the steps differ ({why})")
-        if describe_difference(actual[1], _hand_steps(batches, lr, clip=False)[1], 1e-5, 1e-4) is None:
-            result.details += "\n   hint: clip the gradient norm to 1.0 (torch.nn.utils.clip_grad_norm_) before the step"
-        return report(result)
-    return report(CheckResult(name, True, f"{len(batches)} steps: the same losses and parameters as course_lib.train"))
-
-
 def check_temperature_experiment(first_logits: torch.Tensor, results: Mapping, samples: Mapping) -> CheckResult:
     """Chapter 03, open experiment: the teacher writing at several temperatures. Per temperature T,
     the entropy (nats) of its first-token distribution softmax(logits / T) — which rises with T — and
@@ -646,7 +564,7 @@ def check_average_orders(learner_fn: Callable) -> CheckResult:
     return report(result)
 
 
-# ----------------------------------------------------------------------------- write the loop (04-06)
+# ----------------------------------------------------------------------------- write the loop (03-06)
 
 def _trainable(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
@@ -684,30 +602,39 @@ def _check_training_step(name: str, learner_fn: Callable, reference_fn: Callable
                          lr: float = 0.5, mistakes: Sequence[tuple[Callable, str]] = ()) -> CheckResult:
     """Run the learner's step and the reference step twice each from the same model on each case
     (make_model, batch, kwargs); say which of loss, update and second step first differs.
-    `mistakes` are (wrong step, hint): when the learner's losses match a wrong step's, the hint."""
+    `mistakes` are (wrong step, hint): the hint of the first wrong step that agrees with the
+    learner's on everything up to and including what differs."""
     if not callable(learner_fn):
         return report(CheckResult(name, False, f"expected a function, got {_short(learner_fn)}"))
     for make_model, batch, kwargs in cases:
+        setting = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        where = f"({setting}) " if setting else ""
         expected = _two_steps(reference_fn, make_model(), batch, kwargs, lr)
-        actual, failed = _learner_call(name, f"with {kwargs}", _two_steps, learner_fn, make_model(), batch, kwargs, lr)
+        actual, failed = _learner_call(name, f"with {kwargs}" if kwargs else "a step raised",
+                                       _two_steps, learner_fn, make_model(), batch, kwargs, lr)
         if failed is not None:
             return report(failed)
-        setting = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+
+        def hint(keys: Sequence[str], atol: float, otherwise: str = "") -> str:
+            for wrong, text in mistakes:
+                seen = _two_steps(wrong, make_model(), batch, kwargs, lr)
+                if describe_difference([actual[k] for k in keys], [seen[k] for k in keys], atol, 1e-4) is None:
+                    return f"\n   hint: {text}"
+            return otherwise
+
         if (why := describe_difference(actual["loss 1"], expected["loss 1"], 1e-5, 1e-4)) is not None:
-            hint = next((h for wrong, h in mistakes if describe_difference(
-                actual["loss 1"], _two_steps(wrong, make_model(), batch, kwargs, lr)["loss 1"], 1e-5, 1e-4) is None), "")
-            return report(CheckResult(name, False, f"({setting}) the loss of the first step: {why}"
-                                                   + (f"\n   hint: {hint}" if hint else "")))
+            return report(CheckResult(name, False, f"{where}the loss of the first step: {why}"
+                                                   + hint(["loss 1"], 1e-5)))
         if describe_difference(actual["after 1"], actual["start"], 0.0, 0.0) is None:
-            return report(CheckResult(name, False, f"({setting}) the loss is right but the weights did not move: "
+            return report(CheckResult(name, False, f"{where}the loss is right but the weights did not move: "
                                                    "call loss.backward() and optimizer.step()"))
         if (why := describe_difference(actual["after 1"], expected["after 1"], 1e-6, 1e-4)) is not None:
-            return report(CheckResult(name, False, f"({setting}) the weights after one step: {why}; "
-                                                   "the gradient is not that of the loss returned"))
-        if (why := describe_difference((actual["loss 2"], actual["after 2"]), (expected["loss 2"], expected["after 2"]),
-                                       1e-5, 1e-4)) is not None:
-            return report(CheckResult(name, False, f"({setting}) the first step is right, the second is not ({why}): "
-                                                   "clear the gradients each step (optimizer.zero_grad())"))
+            return report(CheckResult(name, False, f"{where}the weights after one step: {why}" + hint(
+                ["loss 1", "after 1"], 1e-6, "; the gradient is not that of the loss returned")))
+        keys = ["loss 2", "after 2"]
+        if (why := describe_difference([actual[k] for k in keys], [expected[k] for k in keys], 1e-5, 1e-4)) is not None:
+            return report(CheckResult(name, False, f"{where}the first step is right, the second is not ({why})" + hint(
+                ["loss 1", "after 1", *keys], 1e-5, ": clear the gradients each step (optimizer.zero_grad())")))
     return report(CheckResult(name, True, f"{len(cases)} settings x 2 steps: the losses and the updated "
                                           "weights match course_lib's"))
 
@@ -720,16 +647,53 @@ def _right_padded_batch(ids: torch.Tensor, lengths: Sequence[int], prompt: int =
     return {"input_ids": ids.masked_fill(attention == 0, 0), "attention_mask": attention, "labels": labels}
 
 
-def _sgd_step(loss_fn: Callable) -> Callable:
-    """`step(model, batch, optimizer, **settings)`: the loss, backward, step, gradients cleared."""
+def _sgd_step(loss_fn: Callable, max_grad_norm: float | None = None) -> Callable:
+    """`step(model, batch, optimizer, **settings)`: the loss, backward, the gradient norm clipped
+    to `max_grad_norm` (None: not clipped), step, gradients cleared."""
     def step(model, batch, optimizer, **settings):
         loss = loss_fn(model, batch, **settings)
         loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
         return loss
 
     return step
+
+
+def _sft_step_cases() -> list:
+    """A tiny Llama and two SFT batches (prompts of 3 and 5 tokens, rows right-padded)."""
+    from .runtime import seeded
+
+    with seeded(9):
+        ids = torch.randint(1, 64, (3, 10))
+    return [(lambda: _tiny_llama(seed=9), _right_padded_batch(ids, lengths, prompt), {})
+            for lengths, prompt in (([10, 8, 10], 3), ([10, 10, 7], 5))]
+
+
+def _unshifted_loss(model, batch: dict) -> torch.Tensor:
+    """The mistake the SFT check names: the logits at t scored against the label at t, not t + 1."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+
+
+def check_sft_step(learner_fn: Callable) -> CheckResult:
+    """Chapter 03, the training loop by hand: `learner_fn(model, batch, optimizer)` does one step of
+    `course_lib.train.train` with `lm_loss` (next-token cross-entropy of the label tokens, backward,
+    gradient norm clipped to `train`'s max_grad_norm, the optimizer's step, gradients zeroed) and
+    returns the loss. Two steps on each of two batches: the losses and every parameter afterwards."""
+    import inspect
+
+    from .train import lm_loss, train
+
+    clip = inspect.signature(train).parameters["max_grad_norm"].default
+    return _check_training_step("sft_step", learner_fn, _sgd_step(lm_loss, clip), _sft_step_cases(), mistakes=[
+        (_sgd_step(_unshifted_loss, clip),
+         "the logits at position t predict the token at t + 1: drop the last logit and the first label"),
+        (_sgd_step(lm_loss), f"clip the gradient norm to {clip} (torch.nn.utils.clip_grad_norm_) before the step")])
 
 
 def _kd_step_cases() -> list:
@@ -756,7 +720,7 @@ def check_distillation_step(learner_fn: Callable) -> CheckResult:
     optimizer step, gradients cleared; returns the loss (`distill.token_kd_loss("forward_kl")`)."""
     return _check_training_step("distillation_step", learner_fn, _kd_step("forward_kl"), _kd_step_cases(), mistakes=[
         (_kd_step("reverse_kl"), "that is the reverse KL: the teacher's distribution weights the log-ratio"),
-        (lambda m, b, o, temperature=1.0: _kd_step("forward_kl")(m, b, o, 1.0),
+        (lambda m, b, o, temperature=1.0: _kd_step("forward_kl")(m, b, o, temperature=1.0),
          "the loss ignores the temperature: divide both logits by it")])
 
 

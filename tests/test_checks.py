@@ -311,22 +311,29 @@ def test_the_smoothing_experiment_follows_the_power_law(capsys, lenient):
     assert "differs from X·Wᵀ" in capsys.readouterr().out
 
 
-def test_an_sft_step_by_hand_matches_the_course_loop_and_a_missing_clip_is_named(capsys, lenient):
+def test_an_sft_step_by_hand_matches_the_course_loop_and_each_missing_part_is_named(capsys, lenient):
     import torch.nn.functional as F
 
-    def step(model, batch, optimizer, clip=True):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
+    def step(model, batch, optimizer, shift=True, clip=True, zero=True):
+        logits, labels = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+        if shift:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        optimizer.zero_grad()
+        if zero:
+            optimizer.zero_grad()
         return loss.item()
 
     assert checks.check_sft_step(step)
-    assert not checks.check_sft_step(lambda m, b, o: step(m, b, o, clip=False))
-    assert "hint: clip the gradient norm" in capsys.readouterr().out
+    capsys.readouterr()
+    for mistake, named in [("shift", "hint: the logits at position t predict the token at t + 1"),
+                           ("clip", "hint: clip the gradient norm to 1.0"),
+                           ("zero", "optimizer.zero_grad()")]:
+        assert not checks.check_sft_step(lambda m, b, o: step(m, b, o, **{mistake: False}))
+        assert named in capsys.readouterr().out, mistake
 
 
 def test_the_temperature_experiment_recomputes_entropy_and_distinct_share(capsys, lenient):
