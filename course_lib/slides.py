@@ -239,7 +239,7 @@ PROSE_CHARS, CODE_CHARS, OUTPUT_CHARS, TABLE_CHARS = 80, 100, 100, 81
 TITLE_PX, HEADING_PX, TABLE_ROW_PX, PARAGRAPH_GAP_PX = 110, 70, 10, 8
 MARKDOWN_CELL_PX, CODE_CELL_PX, OUTPUT_PX, IMAGE_OUTPUT_PX = 14, 50, 20, 40
 CONTENT_WIDTH_PX = 1090  # wider images are scaled down to this width
-SLIDE_BUDGET_PX = SLIDE_SIZE[1] - 40  # less the subslide's own padding
+SLIDE_BUDGET_PX = SLIDE_SIZE[1] - 130  # less the subslide's own padding and the estimate's error (up to ~130 px measured)
 
 
 def _wrapped(lines: Sequence[str], chars: int) -> int:
