@@ -328,7 +328,7 @@ def _output_parts(cell) -> list:
     for number, outputs in enumerate(parts):
         part = copy.deepcopy(cell)
         part.outputs = outputs
-        part.metadata["tags"] = [*part.metadata.get("tags", []), OUTPUT_ONLY_TAG]
+        part.metadata["tags"] = [*(t for t in part.metadata.get("tags", []) if t != OUTPUT_ONLY_TAG), OUTPUT_ONLY_TAG]
         _set_slide_type(part, "subslide")
         if "id" in part:
             part.id = f"{cell.id}-out{number}"
