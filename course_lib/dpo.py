@@ -91,13 +91,17 @@ def dpo_terms(policy, batch: dict[str, torch.Tensor], beta: float = 0.1) -> dict
             "accuracy": (margin > 0).float().mean(), "margin": margin.mean()}
 
 
+def _rpo_loss(terms: dict[str, torch.Tensor], nll_weight: float) -> torch.Tensor:
+    """RPO's objective from `dpo_terms`: the DPO term plus `nll_weight` × the chosen answers' NLL."""
+    return terms["dpo"] + nll_weight * terms["nll"] if nll_weight else terms["dpo"]
+
+
 def dpo_batch_loss(policy, batch: dict[str, torch.Tensor], beta: float = 0.1,
                    nll_weight: float = 0.0) -> torch.Tensor:
     """The DPO loss of one batch from `preference_batches` (with its reference log-probs), plus
     `nll_weight` × the chosen responses' mean token NLL (RPO, Pang et al. 2024; TRL's `rpo_alpha`):
     DPO alone can lower the chosen answers' likelihood too, as long as the rejected ones fall faster."""
-    terms = dpo_terms(policy, batch, beta)
-    return terms["dpo"] + nll_weight * terms["nll"] if nll_weight else terms["dpo"]
+    return _rpo_loss(dpo_terms(policy, batch, beta), nll_weight)
 
 
 @dataclass
@@ -126,7 +130,7 @@ def train_dpo(policy, tokenizer, preferences: Sequence[Preference], steps: int, 
     def loss_fn(model, batch):
         terms = dpo_terms(model, batch, beta)
         seen.append((examples(batch) // 2, {k: float(v.detach()) for k, v in terms.items()}))
-        return terms["dpo"] + nll_weight * terms["nll"] if nll_weight else terms["dpo"]
+        return _rpo_loss(terms, nll_weight)
 
     run = train(policy, loss_fn, batches, steps, lr=lr, seed=seed, warmup_steps=warmup_steps, progress=progress,
                 desc="DPO", grad_accum=grad_accum, weight_fn=examples)
