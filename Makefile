@@ -10,7 +10,7 @@ VENV ?= .venv
 # e.g. `make lab TORCH=torch` for the newest release.
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
-PYTEST_NOTEBOOKS := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider
+PYTEST_NOTEBOOKS := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider --durations=15
 
 .PHONY: lab test setup setup-test setup-book model browser unit notebooks exercises clean-notebooks timings book slides benchmarks course-report clean
 
@@ -24,7 +24,7 @@ test: setup-test model $(if $(CI),browser)
 	$(PY) -m course_lib.notebook_tools exercises --check
 	$(PY) -m course_lib.notebook_tools outputs
 	$(PY) -m course_lib.notebook_tools timings --check
-	COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 $(PY) -m pytest tests -m "not executed"
+	COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 $(PY) -m pytest tests -m "not executed" --durations=15
 	COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 $(PY) -m pytest $(PYTEST_NOTEBOOKS) notebooks solutions
 	COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 $(PY) -m pytest tests -m executed
 

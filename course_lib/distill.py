@@ -27,12 +27,12 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .evaluate import perplexity
+from .evaluate import human_corpus, perplexity
 from .models import chat_prompts, load_teacher, make_student, model_device, sampling_settings
 from .runtime import cache_dir, profile, seeded
 from .scoring import response_logits, response_mask  # noqa: F401 (distill.response_mask, as ever)
 from .teacher_data import dataset_sha256, teacher_dataset
-from .train import TrainResult, lm_loss, process_rank, sft_batches, train
+from .train import TrainResult, lm_loss, packed_batches, process_rank, sft_batches, train
 
 STUDENT_VERSION = 2  # bump when a change to the training code makes cached students stale
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "hinton")
@@ -157,36 +157,70 @@ def divergence_fn(name: str, temperature: float = 1.0, beta: float = 0.5, skew: 
 
 # ----------------------------------------------------------------------------- batches
 
-def kd_batches(tokenizer, rows: Sequence[dict], batch_size: int = 8, max_length: int = 160) -> list[dict]:
-    """Chat batches of teacher-written rows (prompt, response): labels on the response tokens only."""
+def kd_batches(tokenizer, rows: Sequence[dict], batch_size: int = 8, max_length: int = 160,
+               row_length: int | None = None, texts: Sequence[str] = ()) -> list[dict]:
+    """Chat batches of teacher-written rows (prompt, response): labels on the response tokens only,
+    one example per padded row, or with `row_length` packed into rows of that many tokens
+    (`train.packed_batches`), where plain `texts` may join them (each cut at `max_length` tokens, every
+    token after its first learned)."""
     if not rows:
         raise ValueError("rows is empty: no teacher-written examples to batch")
-    return sft_batches(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], batch_size, max_length)
+    prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    if row_length is not None:
+        return packed_batches(tokenizer, prompts, responses, batch_size, max_length, row_length, texts)
+    if texts:
+        raise ValueError("texts join packed rows only: give row_length too")
+    return sft_batches(tokenizer, prompts, responses, batch_size, max_length)
+
+
+def top_k_log_probs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log p of the tokens `ids` (N, k) and, as one more bin, of all the others: (N, k + 1) log-probs
+    of a distribution over k + 1 outcomes (the rest of the mass in the last column)."""
+    total = logits.logsumexp(-1, keepdim=True)
+    rest = logits.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    return torch.cat([logits.gather(-1, ids), rest], -1) - total
 
 
 @torch.no_grad()
 def with_teacher_logits(teacher, batch: dict, dtype: torch.dtype = torch.float16,
-                        device: str | torch.device | None = "cpu") -> dict:
+                        device: str | torch.device | None = "cpu", top_k: int | None = None) -> dict:
     """`batch` plus `teacher_logits`: the teacher's logits at the response positions, (N, vocab).
 
     Kept in float16 and only where the loss looks, so one teacher pass serves every divergence and
     every epoch (a full float32 batch of 8×160 positions would take 250 MB). Cached batches keep
     them on the CPU; `device=None` leaves them on the teacher's device (a live teacher, used at once).
+    With `top_k`, only the teacher's k most likely tokens are kept, with the rest of its mass as one
+    more bin (`teacher_top_ids` (N, k), `teacher_top_log_probs` (N, k + 1) float32): k + 1 numbers per
+    position instead of 49,152, and the divergences compare student and teacher on those k + 1 bins
+    (`top_k_fidelity` measures what that costs).
     """
     logits, _ = response_logits(teacher, batch)
-    return {**batch, "teacher_logits": logits.to(device or logits.device, dtype)}
+    if top_k is None:
+        return {**batch, "teacher_logits": logits.to(device or logits.device, dtype)}
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k < logits.shape[-1]:
+        raise ValueError(f"top_k must be None (every logit) or an int in 1..{logits.shape[-1] - 1}, got {top_k!r}")
+    ids = logits.topk(top_k, dim=-1).indices
+    return {**batch, "teacher_top_ids": ids.to(device or logits.device),
+            "teacher_top_log_probs": top_k_log_probs(logits, ids).to(device or logits.device)}
+
+
+def _is_top_k(batch: dict) -> bool:
+    return "teacher_top_ids" in batch
 
 
 def token_kd_loss(divergence: str = "forward_kl", teacher=None, temperature: float = 1.0,
                   beta: float = 0.5, skew: float = 0.1, alpha: float = 0.5) -> Callable[[object, dict], torch.Tensor]:
     """`loss_fn(model, batch)` for `train`: a divergence between student and teacher at the response
-    positions. The teacher's logits come from the batch (`with_teacher_logits`) or from `teacher`.
-    "hinton" mixes the label cross-entropy in (α = `alpha`, T = `temperature`)."""
+    positions. The teacher's logits come from the batch (`with_teacher_logits`, all of them or the
+    top k) or from `teacher`. "hinton" mixes the label cross-entropy in (α = `alpha`, T = `temperature`)."""
     if divergence != "hinton":
         measure = divergence_fn(divergence, temperature, beta, skew)
 
     def loss_fn(model, batch: dict) -> torch.Tensor:
         student, labels = response_logits(model, batch)
+        if _is_top_k(batch):  # both as distributions over the teacher's k tokens and the rest (T = 1)
+            ids = batch["teacher_top_ids"].to(student.device)
+            return measure(top_k_log_probs(student, ids), batch["teacher_top_log_probs"].to(student.device))
         if "teacher_logits" in batch:
             target = batch["teacher_logits"].to(student.device)
         elif teacher is not None:
@@ -199,6 +233,25 @@ def token_kd_loss(divergence: str = "forward_kl", teacher=None, temperature: flo
         return measure(student, target)
 
     return loss_fn
+
+
+def top_k_fidelity(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int,
+                   divergence: str = "forward_kl") -> dict[str, float]:
+    """What caching only the teacher's top k costs, on the same positions: the teacher's mass those
+    k tokens hold (mean), the divergence from all logits and from the k + 1 bins, and the cosine
+    between the two gradients with respect to the student's logits (1.0: the same direction)."""
+    student = student_logits.detach().float().requires_grad_(True)
+    teacher = teacher_logits.float()
+    measure = divergence_fn(divergence)
+    full = measure(student, teacher)
+    (full_grad,) = torch.autograd.grad(full, student)
+    ids = teacher.topk(k, dim=-1).indices
+    top = measure(top_k_log_probs(student, ids), top_k_log_probs(teacher, ids))
+    (top_grad,) = torch.autograd.grad(top, student)
+    mass = 1 - top_k_log_probs(teacher, ids)[:, -1].exp()
+    return {"k": k, "teacher_mass": float(mass.mean()), "divergence_full": float(full.detach()),
+            "divergence_top_k": float(top.detach()),
+            "gradient_cosine": float(F.cosine_similarity(full_grad.flatten(), top_grad.flatten(), dim=0))}
 
 
 # ----------------------------------------------------------------------------- on-policy samples
@@ -297,6 +350,10 @@ def distill(student, method: str, batches: Sequence[dict], steps: int, lr: float
     if isinstance(batches, (str, dict)) or not isinstance(batches, Sequence) or len(batches) == 0:
         raise ValueError("batches must be a non-empty list of batches (from kd_batches, scored with "
                          "with_teacher_logits for the divergences)")
+    if _is_top_k(batches[0]) and (method == "hinton" or temperature != 1.0):
+        raise ValueError(f"batches carry the teacher's top-k only, which fixes its distribution at temperature 1: "
+                         f"method {method!r} at temperature {temperature} needs every logit "
+                         "(with_teacher_logits without top_k)")
     stream: Sequence[dict] | Iterator[dict] = batches
     if method == "sft":
         loss_fn = lm_loss
@@ -316,7 +373,7 @@ def distill(student, method: str, batches: Sequence[dict], steps: int, lr: float
 def response_metrics(model, batches: Sequence[dict]) -> dict[str, float]:
     """Perplexity of the response tokens and how often the model's top-1 token is the teacher's.
 
-    `batches` carry `teacher_logits` (from `with_teacher_logits`); the teacher itself scores about
+    `batches` carry the teacher's logits (from `with_teacher_logits`); the teacher itself scores about
     1.0 (float16 rounding can break a near tie).
     """
     if isinstance(batches, dict) or not batches:
@@ -326,18 +383,25 @@ def response_metrics(model, batches: Sequence[dict]) -> dict[str, float]:
         rows, labels = response_logits(model, batch)
         total += F.cross_entropy(rows, labels, reduction="sum").item()
         count += labels.numel()
-        agree += int((rows.argmax(-1) == batch["teacher_logits"].to(rows.device).argmax(-1)).sum())
+        teacher_top = batch["teacher_top_ids"][:, 0] if _is_top_k(batch) else batch["teacher_logits"].argmax(-1)
+        agree += int((rows.argmax(-1) == teacher_top.to(rows.device)).sum())
     return {"perplexity": math.exp(total / count), "top1_agreement": agree / count, "tokens": count}
 
 
 # ----------------------------------------------------------------------------- the student the capstone reuses
 
 def kd_data(teacher, tokenizer, train_examples: int, heldout_examples: int, batch_size: int,
-            max_length: int) -> tuple[list[dict], list[dict]]:
-    """Train and held-out batches of the shipped teacher-written set, each scored once by the teacher."""
-    batches = [kd_batches(tokenizer, teacher_dataset(split, n=n), batch_size, max_length)
-               for split, n in (("train", train_examples), ("heldout", heldout_examples))]
-    return tuple([with_teacher_logits(teacher, b) for b in part] for part in batches)
+            max_length: int, row_length: int | None = None, top_k: int | None = None,
+            texts: Sequence[str] = ()) -> tuple[list[dict], list[dict]]:
+    """Train and held-out batches of the shipped teacher-written set, each scored once by the teacher.
+    The training batches may be packed (`row_length`, with plain `texts` joining the answers) and keep
+    only the teacher's `top_k`; the held-out ones are one answer per row with every logit, whatever
+    the training batches are."""
+    train = kd_batches(tokenizer, teacher_dataset("train", n=train_examples), batch_size, max_length, row_length,
+                       texts)
+    heldout = kd_batches(tokenizer, teacher_dataset("heldout", n=heldout_examples), batch_size, max_length)
+    return ([with_teacher_logits(teacher, b, top_k=top_k) for b in train],
+            [with_teacher_logits(teacher, b) for b in heldout])
 
 
 def chapter_recipe(budget=None) -> dict:
@@ -349,15 +413,30 @@ def chapter_recipe(budget=None) -> dict:
             "steps": b.steps, "lr": b.lr, "cosine": True,
             "train_examples": b.train_examples, "batch_size": b.batch_size, "max_length": b.max_length,
             "warmup_steps": b.warmup_steps, "temperature": b.temperature, "lmbda": b.lmbda,
-            "on_policy_new_tokens": b.on_policy_new_tokens, "seed": 0, "data_sha256": dataset_sha256(),
-            "version": STUDENT_VERSION}
+            "on_policy_new_tokens": b.on_policy_new_tokens, "row_length": None, "top_k": None, "human_texts": 0,
+            "seed": 0,
+            "data_sha256": dataset_sha256(), "version": STUDENT_VERSION}
 
 
 def capstone_recipe(budget=None) -> dict:
     """The student the capstone (chapter 07) ships: chapter 04's recipe with `capstone_method`,
-    `capstone_layers` layers and `capstone_steps` steps (in the ci profile, the chapter's own student)."""
+    `capstone_layers` layers, `capstone_steps` steps at `capstone_lr`, and its own data:
+    `capstone_examples` teacher-written answers and the last `capstone_human_texts` texts of the human
+    corpus (`distillation_texts`), cut at `capstone_max_length` tokens, packed into rows of
+    `capstone_row_length` tokens, `capstone_batch_size` rows a step, with the teacher's `capstone_top_k`
+    logits (in the ci profile, the chapter's own student)."""
     b = budget if budget is not None else profile().distill
-    return {**chapter_recipe(b), "n_layers": b.capstone_layers, "steps": b.capstone_steps}
+    return {**chapter_recipe(b), "n_layers": b.capstone_layers, "steps": b.capstone_steps, "lr": b.capstone_lr,
+            "warm_start_steps": b.capstone_warm_start_steps, "train_examples": b.capstone_examples,
+            "max_length": b.capstone_max_length, "batch_size": b.capstone_batch_size,
+            "row_length": b.capstone_row_length, "top_k": b.capstone_top_k, "human_texts": b.capstone_human_texts}
+
+
+def distillation_texts(recipe: dict) -> list[str]:
+    """The human-written texts a recipe distills on: the LAST `human_texts` of the human corpus, so
+    that evaluations, which read its first texts, stay held out (chapter 07 asserts it)."""
+    n = recipe.get("human_texts", 0)
+    return human_corpus()[-n:] if n else []
 
 
 def student_path(recipe: dict) -> Path:
@@ -415,8 +494,9 @@ def run_recipe(teacher, tokenizer, recipe: dict, train_batches: Sequence[dict], 
 def distilled_student(teacher=None, tokenizer=None, recipe: dict | None = None, progress: bool = False):
     """The chapter-04 student for the capstone (chapter 07): from the cache, or distilled now and cached.
 
-    Returns (model, info), info = {"recipe", "metrics" (held-out, measured when it was made),
-    "path", "built" (True when made by this call)}; the model is in eval mode on the teacher's device.
+    Returns (model, info), info = {"recipe", "metrics" (held-out, and the training's seconds and label
+    tokens per second, measured when it was made), "path", "built" (True when made by this call)};
+    the model is in eval mode on the teacher's device.
     """
     from transformers import AutoModelForCausalLM
 
@@ -428,9 +508,11 @@ def distilled_student(teacher=None, tokenizer=None, recipe: dict | None = None, 
     if built:
         train_batches, heldout = kd_data(teacher, tokenizer, recipe["train_examples"],
                                          profile().distill.heldout_examples, recipe["batch_size"],
-                                         recipe["max_length"])
-        student, _ = run_recipe(teacher, tokenizer, recipe, train_batches, progress=progress)
-        save_student(student, recipe, response_metrics(student, heldout))
+                                         recipe["max_length"], recipe["row_length"], recipe["top_k"],
+                                         distillation_texts(recipe))
+        student, result = run_recipe(teacher, tokenizer, recipe, train_batches, progress=progress)
+        save_student(student, recipe, {**response_metrics(student, heldout), "train_seconds": result.seconds,
+                                       "label_tokens_per_second": result.units / result.seconds})
     saved = json.loads((path / "course_recipe.json").read_text())
     param = next(teacher.parameters())
     model = AutoModelForCausalLM.from_pretrained(path, dtype=param.dtype).to(param.device).eval()

@@ -9,6 +9,8 @@ the teacher's response rows in distillation (`distill`), the loss of the trainin
   them (`attention_mask` 1 on real tokens), so every row sees the positions it would see alone.
   Only generation pads on the left (`models.generate`: new tokens are appended on the right);
   `distill.sample_on_policy` turns its samples back into right-padded rows.
+* Packed rows (`train.packed_batches`) hold several examples each; their `position_ids` restart
+  at 0 for each example, and the model keeps the examples apart by them.
 * `labels` are aligned with `input_ids`, −100 where nothing is scored (prompt, padding). The
   logits at position t predict the token at t + 1: they are scored against labels[:, t + 1].
 * Only the scored positions pass through the LM head (`logits_to_keep`), and come back as float32.
@@ -53,8 +55,11 @@ def logits_at(model, batch: dict, where: torch.Tensor) -> torch.Tensor:
     if len(columns) == 0:
         raise ValueError("no position of the batch is marked for scoring")
     first = int(columns[0])
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                   logits_to_keep=where.shape[1] - first).logits
+    if "position_ids" in batch:  # packed rows (train.packed_batches): the positions keep examples apart
+        rows = {"position_ids": batch["position_ids"].to(device), "use_cache": False}
+    else:
+        rows = {"attention_mask": batch["attention_mask"].to(device)}
+    logits = model(input_ids=batch["input_ids"].to(device), logits_to_keep=where.shape[1] - first, **rows).logits
     return logits[where[:, first:]].float()
 
 

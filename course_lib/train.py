@@ -30,11 +30,14 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 @dataclass
 class TrainResult:
     """What a run did: the loss of each optimizer step (the weighted mean over this process's
-    micro-batches), wall time, steps taken, and the gradient norm of each step before clipping."""
+    micro-batches), wall time, steps taken, the gradient norm of each step before clipping, and how
+    many units (`weight_fn`: label tokens, or examples) this process learned from in all, so that
+    `units / seconds` is its training throughput."""
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     steps: int = 0
     grad_norms: list[float] = field(default_factory=list)
+    units: float = 0.0
 
 
 def add_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0,
@@ -201,6 +204,7 @@ def train(model, loss_fn: Callable, batches: Sequence | Iterable, steps: int, lr
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(loss_sum / sum(weights) if sum(weights) else float("nan"))
+            result.units += sum(weights)
             result.grad_norms.append(float(norm))
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
     result.seconds = time.perf_counter() - start
@@ -224,6 +228,24 @@ def response_labels(input_ids: torch.Tensor, prompt_lengths: Sequence[int],
     return labels
 
 
+def _chat_rows(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int,
+               system: str | None = None) -> tuple[list[list[int]], list[int]]:
+    """Each (prompt, response) as chat-template token ids, response + end-of-turn after the prompt,
+    cut at `max_length`; and each row's prompt length."""
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError(f"need equally many prompts and responses (> 0), got {len(prompts)} and {len(responses)}")
+    ids, prompt_lengths = [], []
+    for row, (head, response) in enumerate(zip(chat_prompts(tokenizer, prompts, system), responses)):
+        head_ids = tokenizer(head, add_special_tokens=False).input_ids
+        if len(head_ids) >= max_length:
+            raise ValueError(f"prompt {row} takes {len(head_ids)} tokens in the chat template, so max_length="
+                             f"{max_length} leaves no room for its response: raise max_length (or shorten the prompt)")
+        tail_ids = tokenizer(response + tokenizer.eos_token, add_special_tokens=False).input_ids
+        ids.append((head_ids + tail_ids)[:max_length])
+        prompt_lengths.append(len(head_ids))
+    return ids, prompt_lengths
+
+
 def sft_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int = 256,
               system: str | None = None) -> dict[str, torch.Tensor]:
     """A right-padded chat batch whose labels are the response tokens only (plus the end-of-turn).
@@ -232,18 +254,7 @@ def sft_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_l
     the end-of-turn (the model is not taught to stop mid-answer). A prompt that leaves no room for
     any response token is an error: that row would have nothing to learn.
     """
-    if len(prompts) != len(responses) or not prompts:
-        raise ValueError(f"need equally many prompts and responses (> 0), got {len(prompts)} and {len(responses)}")
-    heads = chat_prompts(tokenizer, prompts, system)
-    ids, prompt_lengths = [], []
-    for row, (head, response) in enumerate(zip(heads, responses)):
-        head_ids = tokenizer(head, add_special_tokens=False).input_ids
-        if len(head_ids) >= max_length:
-            raise ValueError(f"prompt {row} takes {len(head_ids)} tokens in the chat template, so max_length="
-                             f"{max_length} leaves no room for its response: raise max_length (or shorten the prompt)")
-        tail_ids = tokenizer(response + tokenizer.eos_token, add_special_tokens=False).input_ids
-        ids.append((head_ids + tail_ids)[:max_length])
-        prompt_lengths.append(len(head_ids))
+    ids, prompt_lengths = _chat_rows(tokenizer, prompts, responses, max_length, system)
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -254,15 +265,83 @@ def sft_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_l
             "labels": response_labels(input_ids, prompt_lengths, attention_mask)}
 
 
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+
+
 def sft_batches(tokenizer, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8,
                 max_length: int = 256) -> list[dict[str, torch.Tensor]]:
     """The (prompt, response) pairs as `sft_batch`es of `batch_size` pairs each, in order."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    _check_batch_size(batch_size)
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"need one response per prompt (> 0), got {len(responses)} for {len(prompts)}")
     return [sft_batch(tokenizer, prompts[i:i + batch_size], responses[i:i + batch_size], max_length)
             for i in range(0, len(prompts), batch_size)]
+
+
+def packed_batches(tokenizer, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8,
+                   max_length: int = 256, row_length: int | None = None,
+                   texts: Sequence[str] = ()) -> list[dict[str, torch.Tensor]]:
+    """The pairs of `sft_batches` packed several to a row of `row_length` tokens (default: `max_length`)
+    instead of one per padded row: the same tokens to learn in fewer, fuller rows (`pack_rows`). Plain
+    `texts` may join them, each cut at `max_length` tokens, every token after its first learned."""
+    _check_batch_size(batch_size)
+    row_length = max_length if row_length is None else row_length
+    if isinstance(row_length, bool) or not isinstance(row_length, int) or row_length < max_length:
+        raise ValueError(f"row_length must be an int >= max_length ({max_length}), got {row_length!r}")
+    ids, unlabelled = _chat_rows(tokenizer, prompts, responses, max_length)
+    text_ids = [tokenizer(text, add_special_tokens=True).input_ids[:max_length] for text in texts]
+    if any(len(t) < 2 for t in text_ids):
+        raise ValueError("every text needs at least two tokens (one to read, one to predict)")
+    return pack_rows(ids + text_ids, unlabelled + [1] * len(text_ids), batch_size, row_length, tokenizer.pad_token_id)
+
+
+def pack_rows(ids: Sequence[Sequence[int]], unlabelled: Sequence[int], batch_size: int, row_length: int,
+              pad_token_id: int) -> list[dict[str, torch.Tensor]]:
+    """Token sequences (each at most `row_length` long, its first `unlabelled[i]` tokens not learned)
+    packed into rows of `row_length` tokens, `batch_size` rows a batch.
+
+    Rows are filled first-fit, longest sequence first (Krell et al. 2021, "Efficient sequence packing
+    without cross-contamination"). `position_ids` restart at 0 for each sequence, which tells the model
+    (transformers' packed-sequence masks) to keep them apart: no token attends across a boundary, so
+    each is scored exactly as alone (tests/test_train.py). The end of a row is padding
+    (`attention_mask` 0, labels −100).
+    """
+    if any(n < 1 for n in unlabelled):
+        raise ValueError("every packed sequence needs its first token unlabelled: nothing before it in the row "
+                         "may predict it")
+    rows: list[list[int]] = []  # sequence indices per row
+    room: list[int] = []
+    for i in sorted(range(len(ids)), key=lambda i: -len(ids[i])):
+        at = next((r for r, free in enumerate(room) if free >= len(ids[i])), None)
+        if at is None:
+            rows.append([])
+            room.append(row_length)
+            at = len(rows) - 1
+        rows[at].append(i)
+        room[at] -= len(ids[i])
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(row_length - room[start + r] for r in range(len(chunk)))
+        input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        position_ids = torch.arange(width).repeat(len(chunk), 1)
+        labels = torch.full_like(input_ids, -100)
+        for r, in_row in enumerate(chunk):
+            at = 0
+            for i in in_row:
+                n = len(ids[i])
+                input_ids[r, at:at + n] = torch.tensor(ids[i])
+                attention_mask[r, at:at + n] = 1
+                position_ids[r, at:at + n] = torch.arange(n)
+                labels[r, at + unlabelled[i]:at + n] = input_ids[r, at + unlabelled[i]:at + n]
+                at += n
+            position_ids[r, at:] = torch.arange(width - at)
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                        "labels": labels})
+    return batches
 
 
 def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

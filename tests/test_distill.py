@@ -121,6 +121,31 @@ def test_soften_flattens_with_temperature():
     assert torch.equal(cold.argsort(), warm.argsort())  # the ranking, the dark knowledge, is kept
 
 
+def test_top_k_log_probs_are_a_distribution_over_k_plus_one_bins():
+    logits = _logits(6, 50, seed=8)
+    ids = logits.topk(5, dim=-1).indices
+    coarse = distill.top_k_log_probs(logits, ids)
+    full = F.log_softmax(logits, -1)
+    assert coarse.shape == (6, 6)
+    torch.testing.assert_close(coarse.logsumexp(-1), torch.zeros(6), atol=1e-6, rtol=0)
+    torch.testing.assert_close(coarse[:, :5], full.gather(-1, ids))
+    torch.testing.assert_close(coarse[:, 5].exp(), 1 - full.gather(-1, ids).exp().sum(-1))
+
+
+def test_top_k_divergence_is_a_lower_bound_that_closes_with_k():
+    """KL between the k + 1 bins is at most the full KL (merging outcomes never adds divergence);
+    with every token kept it is the full KL, and its gradient points the same way."""
+    student, teacher = _logits(8, 40, seed=9), _logits(8, 40, seed=10)
+    full = float(distill.forward_kl(student, teacher))
+    fidelity = {k: distill.top_k_fidelity(student, teacher, k) for k in (1, 5, 20, 39)}
+    assert all(f["divergence_top_k"] <= full + 1e-5 and f["divergence_full"] == pytest.approx(full)
+               for f in fidelity.values())
+    masses = [fidelity[k]["teacher_mass"] for k in (1, 5, 20, 39)]
+    assert masses == sorted(masses) and masses[-1] > 0.99
+    assert fidelity[39]["divergence_top_k"] == pytest.approx(full, rel=1e-4)
+    assert fidelity[39]["gradient_cosine"] > 0.999 > fidelity[1]["gradient_cosine"]
+
+
 def test_chapter_checks_pass_the_reference_and_explain_mistakes(capsys, monkeypatch):
     from course_lib import checks
     from course_lib.train import response_labels
@@ -178,6 +203,28 @@ def test_kd_losses_vanish_for_the_teacher_itself(teacher, scored):
         distill.token_kd_loss("forward_kl")(model, plain)
     metrics = distill.response_metrics(model, scored)
     assert metrics["top1_agreement"] == 1.0 and metrics["tokens"] == int(distill.response_mask(scored[0]).sum())
+
+
+@pytest.mark.slow
+def test_top_k_teacher_batches_train_and_score(teacher, scored):
+    """A batch carrying only the teacher's top k: the teacher itself is at zero divergence, its top-1
+    agreement is 1.0, a student's loss falls, and what needs every logit says so."""
+    model, tok = teacher
+    top = [distill.with_teacher_logits(model, b, top_k=16) for b in distill.kd_batches(tok, ROWS, 2, 64)]
+    n = int(distill.response_mask(top[0]).sum())
+    assert top[0]["teacher_top_ids"].shape == (n, 16) and top[0]["teacher_top_log_probs"].shape == (n, 17)
+    assert "teacher_logits" not in top[0]
+    torch.testing.assert_close(top[0]["teacher_top_ids"][:, 0], scored[0]["teacher_logits"].argmax(-1))
+    assert distill.token_kd_loss("forward_kl")(model, top[0]).item() < 1e-4
+    assert distill.response_metrics(model, top)["top1_agreement"] == 1.0
+    student = make_small_student(model)
+    result = distill.distill(student, "jsd", top, steps=4, lr=1e-3, progress=False)
+    assert result.losses[-1] < result.losses[0]
+    for method, temperature in (("hinton", 1.0), ("forward_kl", 2.0)):
+        with pytest.raises(ValueError, match="top-k"):
+            distill.distill(student, method, top, steps=1, temperature=temperature)
+    with pytest.raises(ValueError, match="top_k"):
+        distill.with_teacher_logits(model, top[0], top_k=0)
 
 
 @pytest.mark.slow
@@ -271,8 +318,12 @@ def make_small_student(model):
 
 @pytest.mark.slow
 def test_distilled_student_is_cached_and_reloaded(teacher, tmp_path, monkeypatch):
+    from course_lib.models import teacher_checkpoint_dir
+
     model, tok = teacher
+    checkpoint = teacher_checkpoint_dir()
     monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
+    (tmp_path / checkpoint.name).symlink_to(checkpoint)  # a fresh student cache, the same teacher (no conversion)
     recipe = {**distill.capstone_recipe(), "n_layers": 1, "warm_start_steps": 1, "steps": 1, "train_examples": 2,
               "batch_size": 2, "max_length": 48}
     first, info = distill.distilled_student(model, tok, recipe)
@@ -286,12 +337,21 @@ def test_distilled_student_is_cached_and_reloaded(teacher, tmp_path, monkeypatch
 
 
 def test_capstone_recipe_is_the_chapter_recipe_deeper_and_longer():
+    from course_lib.evaluate import human_corpus
     from course_lib.runtime import profile
 
     for name in ("ci", "laptop", "gpu"):
         b = profile(name).distill
         chapter, capstone = distill.chapter_recipe(b), distill.capstone_recipe(b)
-        assert capstone == {**chapter, "n_layers": b.capstone_layers, "steps": b.capstone_steps}
+        assert capstone == {**chapter, "n_layers": b.capstone_layers, "steps": b.capstone_steps, "lr": b.capstone_lr,
+                            "warm_start_steps": b.capstone_warm_start_steps, "train_examples": b.capstone_examples,
+                            "max_length": b.capstone_max_length, "batch_size": b.capstone_batch_size,
+                            "row_length": b.capstone_row_length, "top_k": b.capstone_top_k,
+                            "human_texts": b.capstone_human_texts}
         assert chapter["cosine"] and chapter["n_layers"] == b.student_layers
+        assert chapter["row_length"] is None and chapter["top_k"] is None  # chapter 04 compares on every logit
+        texts = distill.distillation_texts(capstone)
+        assert len(texts) == b.capstone_human_texts
+        assert not set(texts) & set(human_corpus(profile(name).capstone.eval_texts))  # chapter 07's stay held out
     ci = profile("ci").distill
     assert distill.capstone_recipe(ci) == distill.chapter_recipe(ci)  # chapter 04 saves it in CI

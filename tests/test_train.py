@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from course_lib.train import add_lora, label_tokens, lm_loss, response_labels, sft_batch, tf32_matmuls, train
+from course_lib.train import (add_lora, label_tokens, lm_loss, packed_batches, response_labels, sft_batch,
+                              sft_batches, tf32_matmuls, train)
 
 
 def tiny_llama(seed: int = 0):
@@ -88,11 +89,67 @@ def test_sft_batch_learns_only_the_response(teacher):
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
 
 
+PAIRS = (["What is 2 plus 2?", "Name a colour.", "Say hello in French.", "Write one word about the sea.",
+          "Is ice cold?"],
+         ["2 plus 2 is 4.", "Blue.", "Bonjour, which means hello.", "Waves.", "Yes, ice is cold: it is frozen water."])
+
+
+def test_packed_rows_score_each_example_as_alone(teacher):
+    """Several examples to a row, kept apart by their position ids: the same label tokens, and the
+    same logits at them, as one example per padded row (no attention across a boundary)."""
+    from course_lib.scoring import response_logits
+
+    model, tok = teacher
+    padded = sft_batches(tok, *PAIRS, batch_size=5, max_length=96)[0]
+    packed = packed_batches(tok, *PAIRS, batch_size=2, max_length=96, row_length=128)
+    assert sum(len(b["input_ids"]) for b in packed) < 5  # fewer, fuller rows
+    assert sum(label_tokens(b) for b in packed) == label_tokens(padded)
+    assert all(b["input_ids"].shape[1] <= 128 for b in packed)
+    with torch.no_grad():
+        alone, _ = response_logits(model, padded)
+        together = [response_logits(model, b) for b in packed]
+    # the packed rows hold the examples in another order: match them by their label sequences
+    def by_example(logits, batch):
+        out, at = {}, 0
+        for r, row in enumerate(batch["labels"][:, 1:]):
+            positions = batch.get("position_ids", torch.arange(row.shape[0] + 1).repeat(len(batch["labels"]), 1))[r]
+            starts = (positions == 0).nonzero().flatten().tolist() + [len(row) + 1]
+            for start, end in zip(starts, starts[1:]):
+                labels = row[start:end - 1][row[start:end - 1] != -100]
+                if len(labels):
+                    out[tuple(labels.tolist())] = logits[at:at + len(labels)]
+                    at += len(labels)
+        return out
+    expected = by_example(alone, padded)
+    got = {}
+    for (logits, _), batch in zip(together, packed):
+        got.update(by_example(logits, batch))
+    assert expected.keys() == got.keys() and len(got) == 5
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=2e-3)
+    with pytest.raises(ValueError, match="row_length"):
+        packed_batches(tok, *PAIRS, max_length=96, row_length=64)
+
+
+def test_plain_texts_join_packed_rows_with_every_token_but_the_first_learned(teacher):
+    _, tok = teacher
+    texts = ["The quick brown fox jumps over the lazy dog.", "Water boils at one hundred degrees."]
+    alone = packed_batches(tok, *PAIRS, batch_size=8, max_length=96, row_length=256)
+    both = packed_batches(tok, *PAIRS, batch_size=8, max_length=96, row_length=256, texts=texts)
+    text_tokens = sum(len(tok(t).input_ids) - 1 for t in texts)  # the first token has nothing before it
+    assert sum(label_tokens(b) for b in both) == sum(label_tokens(b) for b in alone) + text_tokens
+    starts = both[0]["position_ids"] == 0
+    assert (both[0]["labels"][starts] == -100).all()  # no sequence's first token is predicted across a boundary
+    with pytest.raises(ValueError, match="two tokens"):
+        packed_batches(tok, *PAIRS, max_length=96, texts=[""])
+
+
 def test_train_reduces_loss_on_a_tiny_batch():
     model = tiny_llama()
     before = lm_loss(model, tiny_batches(1)[0]).item()
     result = train(model, lm_loss, tiny_batches(1), steps=40, lr=1e-2, progress=False)
     assert result.steps == 40 and len(result.losses) == 40 and result.seconds > 0
+    assert result.units == 40 * label_tokens(tiny_batches(1)[0])  # what it learned from, for throughput
     assert result.losses[-1] < 0.5 * result.losses[0]
     assert lm_loss(model, tiny_batches(1)[0]).item() < 0.5 * before
     assert not model.training
