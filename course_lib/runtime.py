@@ -46,7 +46,7 @@ _BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
                     "capstone_method": "forward_kl", "capstone_layers": 6, "capstone_steps": 6, "capstone_lr": 5e-4, "capstone_warm_start_steps": 3,
                     "capstone_examples": 16, "capstone_max_length": 96, "capstone_batch_size": 4,
                     "capstone_row_length": None, "capstone_top_k": None, "capstone_human_texts": 0,
-                    "pack_row_length": 256, "throughput_steps": 1, "top_ks": (8, 64),
+                    "pack_row_length": 384, "throughput_steps": 2, "top_ks": (8, 64),
                     "live_prompts": 2, "live_new_tokens": 16,
                     "compare_new_tokens": 16, "human_texts": 8},
         # chapter 05 (feedback): prompts, sampled responses, judge/scoring batch, reward model, DPO

@@ -135,8 +135,9 @@ def test_reading_one_tensor_parses_once_and_leaves_no_map_open():
         assert _maps(path) > before and len(gguf_file.names) == 272
         tensors = [gguf_file.tensor(name) for name in gguf_file.names[:3]]
     assert _maps(path) == before
-    assert np.array_equal(tensors[0].raw, read_gguf_tensors(path)[tensors[0].name].raw)
-    assert np.array_equal(one.raw, read_gguf_tensors(path)["output_norm.weight"].raw)
+    every = read_gguf_tensors(path)
+    assert np.array_equal(tensors[0].raw, every[tensors[0].name].raw)
+    assert np.array_equal(one.raw, every["output_norm.weight"].raw)
 
 
 def test_the_files_bytes_split_into_metadata_and_tensors_by_format():
