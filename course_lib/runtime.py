@@ -56,8 +56,8 @@ _BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
                      "lora_r": 8, "lora_layers": 4, "warmup_steps": 2},
     },
     "laptop": {
-        "self_improve": {"n_train": 160, "n_heldout": 150, "k": 5, "ks": (1, 2, 4, 8), "format_questions": 16,
-                         "format_new_tokens": 48, "steps": 24, "batch_size": 16, "rounds": 2, "born_again_steps": 16,
+        "self_improve": {"n_train": 160, "n_heldout": 150, "k": 6, "ks": (1, 2, 4, 8), "format_questions": 16,
+                         "format_new_tokens": 48, "steps": 24, "batch_size": 16, "rounds": 2, "born_again_steps": 20,
                          "exercise_questions": 6, "exercise_k": 5,
                          "max_operand": 19, "temperature": 0.7, "threshold": 0.5, "max_new_tokens": 16, "gen_batch_size": 64,
                          "lora_r": 8, "lora_top_layers": 10, "lr": 5e-4},
