@@ -246,9 +246,10 @@ def top_k_fidelity(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k
     full = measure(student, teacher)
     (full_grad,) = torch.autograd.grad(full, student)
     ids = teacher.topk(k, dim=-1).indices
-    top = measure(top_k_log_probs(student, ids), top_k_log_probs(teacher, ids))
+    teacher_bins = top_k_log_probs(teacher, ids)
+    top = measure(top_k_log_probs(student, ids), teacher_bins)
     (top_grad,) = torch.autograd.grad(top, student)
-    mass = 1 - top_k_log_probs(teacher, ids)[:, -1].exp()
+    mass = 1 - teacher_bins[:, -1].exp()
     return {"k": k, "teacher_mass": float(mass.mean()), "divergence_full": float(full.detach()),
             "divergence_top_k": float(top.detach()),
             "gradient_cosine": float(F.cosine_similarity(full_grad.flatten(), top_grad.flatten(), dim=0))}
@@ -414,8 +415,7 @@ def chapter_recipe(budget=None) -> dict:
             "train_examples": b.train_examples, "batch_size": b.batch_size, "max_length": b.max_length,
             "warmup_steps": b.warmup_steps, "temperature": b.temperature, "lmbda": b.lmbda,
             "on_policy_new_tokens": b.on_policy_new_tokens, "row_length": None, "top_k": None, "human_texts": 0,
-            "seed": 0,
-            "data_sha256": dataset_sha256(), "version": STUDENT_VERSION}
+            "seed": 0, "data_sha256": dataset_sha256(), "version": STUDENT_VERSION}
 
 
 def capstone_recipe(budget=None) -> dict:
@@ -435,7 +435,7 @@ def capstone_recipe(budget=None) -> dict:
 def distillation_texts(recipe: dict) -> list[str]:
     """The human-written texts a recipe distills on: the LAST `human_texts` of the human corpus, so
     that evaluations, which read its first texts, stay held out (chapter 07 asserts it)."""
-    n = recipe.get("human_texts", 0)
+    n = recipe["human_texts"]
     return human_corpus()[-n:] if n else []
 
 
