@@ -10,7 +10,15 @@ VENV ?= .venv
 # e.g. `make lab TORCH=torch` for the newest release.
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
-PYTEST_NOTEBOOKS := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider --durations=15
+# The unit tests and nbval run on TEST_WORKERS processes (pytest-xdist; nbval one notebook per worker
+# at a time), each torch with its share of the cores: on 2 cores, two 1-thread workers get through
+# the suite in about 70% of the time one 2-thread process takes (small matrices use 2 threads badly).
+TEST_WORKERS ?= 2
+WORKER_THREADS := $(shell n=$$(( $$(nproc) / $(TEST_WORKERS) )); echo $$(( n > 0 ? n : 1 )))
+PARALLEL := -n $(TEST_WORKERS)
+PYTEST_NOTEBOOKS := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider --durations=15 \
+	$(PARALLEL) --dist loadfile
+CI_ENV := COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 OMP_NUM_THREADS=$(WORKER_THREADS)
 
 .PHONY: lab test setup setup-test setup-book model browser unit notebooks exercises clean-notebooks timings book slides benchmarks course-report clean
 
@@ -24,8 +32,8 @@ test: setup-test model $(if $(CI),browser)
 	$(PY) -m course_lib.notebook_tools exercises --check
 	$(PY) -m course_lib.notebook_tools outputs
 	$(PY) -m course_lib.notebook_tools timings --check
-	COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 $(PY) -m pytest tests -m "not executed" --durations=15
-	COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 $(PY) -m pytest $(PYTEST_NOTEBOOKS) notebooks solutions
+	$(CI_ENV) $(PY) -m pytest tests -m "not executed" --durations=15 $(PARALLEL)
+	$(CI_ENV) $(PY) -m pytest $(PYTEST_NOTEBOOKS) notebooks solutions
 	COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 $(PY) -m pytest tests -m executed
 
 $(VENV)/bin/python:
@@ -49,10 +57,10 @@ model: | $(VENV)/bin/python
 
 # the tests that need no executed notebooks (the site's and the decks' need nbval's runs first)
 unit: setup-test model
-	COURSE_PROFILE=ci $(PY) -m pytest tests -m "not executed"
+	$(CI_ENV) $(PY) -m pytest tests -m "not executed" $(PARALLEL)
 
 notebooks: setup-test model
-	COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 $(PY) -m pytest $(PYTEST_NOTEBOOKS) notebooks solutions
+	$(CI_ENV) $(PY) -m pytest $(PYTEST_NOTEBOOKS) notebooks solutions
 
 exercises: | $(VENV)/bin/python
 	$(PY) -m course_lib.notebook_tools exercises

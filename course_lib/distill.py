@@ -446,7 +446,8 @@ def student_path(recipe: dict) -> Path:
 
 
 def save_student(model, recipe: dict, metrics: dict | None = None) -> Path:
-    """Cache a distilled student under its recipe (a temporary folder, then an atomic rename)."""
+    """Cache a distilled student under its recipe (a temporary folder, then an atomic rename); a
+    complete copy already there, saved by another process (two notebooks at once), is kept."""
     target = student_path(recipe)
     if (target / "course_recipe.json").is_file():
         return target
@@ -455,8 +456,13 @@ def save_student(model, recipe: dict, metrics: dict | None = None) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "course_recipe.json").write_text(json.dumps({"recipe": recipe, "metrics": metrics or {}}, indent=1))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        if not (target / "course_recipe.json").is_file():  # else another process saved it meanwhile
+            shutil.rmtree(target, ignore_errors=True)  # a leftover without its recipe file
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process renamed its copy into place first: keep that one
+                if not (target / "course_recipe.json").is_file():
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

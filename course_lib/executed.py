@@ -15,6 +15,7 @@ nbval fills the same cache: the repository's conftest.py stores every lecture no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import os
@@ -107,9 +108,29 @@ def store_run(source: nbformat.NotebookNode, outputs: Sequence[list], cell_secon
     nbformat.validate(nb)
     data = {"profile": profile, "executed_by": executed_by, "cell_seconds": [round(s, 3) for s in cell_seconds],
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    cache = open_cache(profile, root)
-    cache.cache_notebook_bundle(CacheBundleIn(nb, uri, data=data), overwrite=True)
-    cache.match_cache_notebook(source)  # raises KeyError if the source would not find this run
+    with _writing(profile, root):
+        cache = open_cache(profile, root)
+        cache.cache_notebook_bundle(CacheBundleIn(nb, uri, data=data), overwrite=True)
+        cache.match_cache_notebook(source)  # raises KeyError if the source would not find this run
+
+
+@contextlib.contextmanager
+def _writing(profile: str, root: Path):
+    """One writer at a time: nbval's workers (`make test` runs two notebooks at once) each store
+    their runs, and jupyter-cache's SQLite database must not be created or written by two at once."""
+    folder = cache_path(profile, root).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "jupyter_cache.lock", "w") as lock:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no POSIX locks; run the notebooks one at a time there
+            yield
+            return
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def cached(path: Path, profile: str, root: Path = Path(".")) -> ExecutedNotebook | None:

@@ -336,6 +336,35 @@ def test_distilled_student_is_cached_and_reloaded(teacher, tmp_path, monkeypatch
     assert distill.student_path({**recipe, "steps": 2}) != info["path"]
 
 
+class _SavedMeanwhile:
+    """A model whose save_pretrained writes a file, after 'another process' (two notebooks at once)
+    has renamed its own complete copy of the same student into place."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def save_pretrained(self, folder, safe_serialization=True):
+        other = self.target.parent / ".other"
+        other.mkdir()
+        (other / "course_recipe.json").write_text("{}")
+        (other / "model.safetensors").write_text("the other copy")
+        other.rename(self.target)
+        (folder / "model.safetensors").write_text("this copy")
+
+
+def test_save_student_keeps_the_copy_another_process_saved_meanwhile(tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
+    recipe = {"method": "forward_kl", "n_layers": 2, "steps": 1}
+    target = distill.student_path(recipe)
+    target.parent.mkdir(parents=True)
+    assert distill.save_student(_SavedMeanwhile(target), recipe) == target
+    assert (target / "model.safetensors").read_text() == "the other copy"  # not replaced under its reader
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # no temporary folder left
+    (target / "course_recipe.json").unlink()  # an incomplete leftover is replaced
+    distill.save_student(_SavedMeanwhile(target.parent / "elsewhere"), recipe)
+    assert (target / "model.safetensors").read_text() == "this copy"
+
+
 def test_capstone_recipe_is_the_chapter_recipe_deeper_and_longer():
     from course_lib.evaluate import human_corpus
     from course_lib.runtime import profile
