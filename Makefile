@@ -43,9 +43,11 @@ $(VENV)/bin/python:
 # An extra's stamp; installing one also stamps the extras it includes (pyproject.toml).
 INCLUDED_test := book reference
 INCLUDED_book := reference
+# --no-compile: Python byte-compiles each module when it is first imported; compiling all of
+# JupyterLab's, Sphinx's, ... at install time took half of this step (1 min on 2 cores).
 $(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[$*]"
+	$(PY) -m pip install --quiet --no-compile -e ".[$*]"
 	touch $@ $(foreach extra,$(INCLUDED_$*),$(VENV)/.installed-$(extra))
 
 setup: $(VENV)/.installed-reference

@@ -40,19 +40,19 @@ _BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
                   "gguf_tensors": 12},
         # chapters 03-04 (distillation): student size, teacher-written examples, steps, learning rates
         "distill": {"student_layers": 6, "train_examples": 16, "heldout_examples": 8, "sft_examples": 32,
-                    "batch_size": 4, "max_length": 96, "steps": 6, "sft_steps": 8, "warm_start_steps": 3,
+                    "batch_size": 4, "max_length": 96, "steps": 4, "sft_steps": 8, "warm_start_steps": 3,
                     "warmup_steps": 2, "lr": 5e-4, "lora_r": 16, "lora_lr": 2e-3, "temperature": 1.0,
                     "lmbda": 0.5, "on_policy_new_tokens": 24, "capacity_layers": (3, 6), "choice_layers": (6, 14),
-                    "capstone_method": "forward_kl", "capstone_layers": 6, "capstone_steps": 6, "capstone_lr": 5e-4, "capstone_warm_start_steps": 3,
+                    "capstone_method": "forward_kl", "capstone_layers": 6, "capstone_steps": 4, "capstone_lr": 5e-4, "capstone_warm_start_steps": 3,
                     "capstone_examples": 16, "capstone_max_length": 96, "capstone_batch_size": 4,
                     "capstone_row_length": None, "capstone_top_k": None, "capstone_human_texts": 0,
                     "pack_max_length": 192, "pack_row_length": 384, "throughput_steps": 2, "top_ks": (8, 64),
                     "live_prompts": 2, "live_new_tokens": 16,
                     "compare_new_tokens": 16, "human_texts": 8},
         # chapter 05 (feedback): prompts, sampled responses, judge/scoring batch, reward model, DPO
-        "feedback": {"train_prompts": 24, "eval_prompts": 12, "responses_per_prompt": 2, "best_of_n": 3,
+        "feedback": {"train_prompts": 24, "eval_prompts": 8, "responses_per_prompt": 2, "best_of_n": 3,
                      "max_new_tokens": 32, "temperature": 0.7, "human_noise": 0.15, "batch_size": 8,
-                     "rm_steps": 60, "dpo_steps": 6, "dpo_batch_size": 4, "dpo_lr": 5e-4, "dpo_beta": 0.1, "dpo_nll_weight": 1.0,
+                     "rm_steps": 60, "dpo_steps": 4, "dpo_batch_size": 4, "dpo_lr": 5e-4, "dpo_beta": 0.1, "dpo_nll_weight": 1.0,
                      "lora_r": 8, "lora_layers": 4, "warmup_steps": 2},
     },
     "laptop": {
