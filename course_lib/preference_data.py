@@ -257,10 +257,16 @@ class WinRate:
         decided = self.wins + self.losses
         return wilson_interval(self.wins, decided) if decided else (0.0, 1.0)
 
-    def __str__(self) -> str:
+    @property
+    def rate_text(self) -> str:
+        """"78% [63%, 89%]": the rate and its interval, or "– (all ties)" when nothing was decided."""
+        if not self.wins + self.losses:
+            return "– (all ties)"
         low, high = self.interval
-        return (f"{self.rate:.0%} [{low:.0%}, {high:.0%}] ({self.wins} wins, {self.losses} losses, "
-                f"{self.ties} ties of {self.n})")
+        return f"{self.rate:.0%} [{low:.0%}, {high:.0%}]"
+
+    def __str__(self) -> str:
+        return f"{self.rate_text} ({self.wins} wins, {self.losses} losses, {self.ties} ties of {self.n})"
 
 
 def win_rate(prompts: Sequence[PreferencePrompt], candidate: Sequence[str], baseline: Sequence[str]) -> WinRate:

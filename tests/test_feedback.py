@@ -322,6 +322,8 @@ def test_win_rate_counts_and_interval():
     low, high = result.interval
     assert low < 2 / 3 < high
     assert math.isnan(WinRate(0, 0, 3).rate) and WinRate(0, 0, 3).interval == (0.0, 1.0)
+    assert str(WinRate(0, 0, 3)) == "– (all ties) (0 wins, 0 losses, 3 ties of 3)"
+    assert WinRate(3, 1, 0).rate_text.startswith("75% [")
     with pytest.raises(ValueError, match="one candidate"):
         win_rate(prompts, ["Paris"], ["Lyon"])
 
