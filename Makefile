@@ -18,7 +18,8 @@ WORKER_THREADS := $(shell n=$$(( $$(nproc) / $(TEST_WORKERS) )); echo $$(( n > 0
 PARALLEL := -n $(TEST_WORKERS)
 PYTEST_NOTEBOOKS := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider --durations=15 \
 	$(PARALLEL) --dist loadfile
-CI_ENV := COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 OMP_NUM_THREADS=$(WORKER_THREADS)
+CI_PROFILE := COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1
+CI_ENV := $(CI_PROFILE) OMP_NUM_THREADS=$(WORKER_THREADS)
 
 .PHONY: lab test setup setup-test setup-book model browser unit notebooks exercises clean-notebooks timings book slides benchmarks course-report clean
 
@@ -34,7 +35,7 @@ test: setup-test model $(if $(CI),browser)
 	$(PY) -m course_lib.notebook_tools timings --check
 	$(CI_ENV) $(PY) -m pytest tests -m "not executed" --durations=15 $(PARALLEL)
 	$(CI_ENV) $(PY) -m pytest $(PYTEST_NOTEBOOKS) notebooks solutions
-	COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1 $(PY) -m pytest tests -m executed
+	$(CI_PROFILE) $(PY) -m pytest tests -m executed
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

@@ -124,13 +124,10 @@ def _writing(profile: str, root: Path):
         try:
             import fcntl
         except ImportError:  # Windows: no POSIX locks; run the notebooks one at a time there
-            yield
-            return
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def cached(path: Path, profile: str, root: Path = Path(".")) -> ExecutedNotebook | None:
