@@ -21,7 +21,7 @@ PYTEST_NOTEBOOKS := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p 
 CI_PROFILE := COURSE_PROFILE=ci COURSE_CHECKS_STRICT=1
 CI_ENV := $(CI_PROFILE) OMP_NUM_THREADS=$(WORKER_THREADS)
 
-.PHONY: lab test setup setup-test setup-book model browser unit notebooks exercises clean-notebooks timings book slides benchmarks course-report clean
+.PHONY: lab test setup setup-test setup-book model browser unit notebooks exercises clean-notebooks timings book slides benchmarks engines course-report clean
 
 # As root it adds --allow-root, without a display --no-browser; it prints the address to open.
 lab: setup model
@@ -94,6 +94,17 @@ browser:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 		|| echo "could not install chromium: tests/test_browser.py will skip"; \
 	else echo "chromium is missing (as root: apt-get install chromium): tests/test_browser.py will skip"; fi
+
+# llama.cpp beside the course (chapter 02, bench_end_to_end.py): llama-cpp-python built from source,
+# 5-9 minutes on 2 cores. On a CPU with AMX (Xeon Sapphire Rapids and later), llama.cpp's AMX path
+# crashes on quantized files (llama.cpp issue 20824; Q8_0 and Q4_1 segfaulted here, F32 ran): there
+# it is built without AMX, with the instruction sets every such CPU has.
+NO_AMX := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX_VNNI=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+HAS_AMX := $(shell grep -qw amx_int8 /proc/cpuinfo 2>/dev/null && echo yes)
+engines: setup
+	CMAKE_ARGS="$(if $(HAS_AMX),$(NO_AMX))" $(PY) -m pip install --quiet -e ".[engines]"
 
 benchmarks: setup-test model
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

@@ -84,6 +84,17 @@ def test_w8a16_and_w4a16_match_the_dequantized_reference(matmul_path, rows, k, n
         assert torch.allclose(int4(x), ref4, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("group_size", [2, 24, 32, 192])  # bytes a group: 1, 12, 16, 6 x 16 (AVX-512: whole 16s)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_w4a16_matches_the_dequantized_reference_for_any_group_size(matmul_path, group_size, rows):
+    linear = _linear(k=576, n=42)
+    x = torch.randn(rows, 576)
+    int4 = Int4Linear.from_float(linear, group_size=group_size)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, dequantize(unpack_int4(int4.packed), int4.weight_scale), int4.bias)
+        assert torch.allclose(int4(x), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_w8a8_prefill_without_int8_dot_products_never_calls_the_int8_gemm(monkeypatch):
     layer = Int8Linear.from_float(_linear(), "w8a8")
     assert layer.int8_gemm == kernels.cpu_has_int8_dot_products()  # decided when the layer is built
@@ -156,6 +167,21 @@ def test_outlier_path_recovers_an_outlier_feature():
         decomposed = Int8Linear.from_float(linear, "w8a8", outlier_threshold=6.0)(x)
     # per-token scales of ~300/127 wipe out every normal feature; LLM.int8() keeps them
     assert relative_error(weights_only, plain) > 10 * relative_error(weights_only, decomposed)
+
+
+@pytest.mark.parametrize("mode", ["w8a16", "w8a8"])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_a_per_tensor_scale_gives_the_per_tensor_reference(matmul_path, mode, rows):
+    layer = Int8Linear.from_float(_linear(), mode, granularity="tensor")  # one scale: the kernel broadcasts it
+    x = torch.randn(rows, layer.in_features)
+    w = dequantize(layer.weight, layer.weight_scale)
+    with torch.no_grad():
+        if mode == "w8a16":
+            expected = torch.nn.functional.linear(x, w, layer.bias)
+        else:
+            x_q, x_scale = absmax_quantize(x, 8, dim=-1)
+            expected = (x_q.long() @ layer.weight.long().t()).float() * x_scale * layer.weight_scale + layer.bias
+        assert torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_per_tensor_scale_and_bad_arguments():

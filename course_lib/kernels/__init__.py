@@ -1,6 +1,6 @@
 """The course's own CPU kernels for quantized weights (chapter 02): compiled once, on first use.
 
-`quantized_matmul.cpp` (beside this file, 200 lines) holds three loops that read each quantized
+`quantized_matmul.cpp` (beside this file) holds three loops that read each quantized
 weight byte once — INT8 weights × float32 activations, INT8 × INT8 with int32 sums, and 4-bit
 weights × float32 activations — and, for prefill, INT8 weights converted block by block in the
 cache for torch's float32 GEMM. They are compiled for the machine at hand (g++ -O3 -march=native,
@@ -110,7 +110,7 @@ def int8_weight_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) ->
     kernel reads each weight byte once for a few rows (decode) and converts blocks of rows in the
     cache for a float32 GEMM for many (prefill)."""
     if _fast(x):
-        return torch.ops.course_kernels.int8_weight_matmul(x, q, scale.expand(q.shape[0], 1))
+        return torch.ops.course_kernels.int8_weight_matmul(x, q, scale)
     return torch.nn.functional.linear(x, q.to(x.dtype)) * scale.view(1, -1).to(x.dtype)
 
 
@@ -123,7 +123,7 @@ def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, i
     sum stays below 2²⁴ in magnitude (127² · K would pass it only if all products were maximal),
     at FP32's speed instead of a far slower INT8 GEMM."""
     if _fast(x) and x.shape[0] <= FEW_ROWS:
-        return torch.ops.course_kernels.int8_dynamic_matmul(x, q, scale.expand(q.shape[0], 1))
+        return torch.ops.course_kernels.int8_dynamic_matmul(x, q, scale)
     from ..quant import absmax_quantize_rows, int8_matmul
 
     x_q, x_scale = absmax_quantize_rows(x.float())

@@ -3,15 +3,16 @@
 // Decode multiplies a few activation rows by every weight of the model: the time goes into reading
 // the weights from memory, so a layer runs at the speed of its weight bytes only if the kernel reads
 // each byte once and converts it on the fly. These loops do that; the compiler turns each inner
-// loop into vector instructions for the machine it is built on (-march=native, `omp simd`).
-// Four output rows at a time: four independent sums keep the vector units busy.
+// loop into vector instructions for the machine it is built on (-march=native, `omp simd`), and the
+// two hottest (W8A8 and 4-bit at decode) are written with x86 vector instructions where the CPU has
+// them. Four output rows at a time: four independent sums keep the vector units busy.
 //
 //   int8_weight_matmul   y[m, n] = s[n] · Σ_k x[m, k] · q[n, k]          (float32 x, INT8 q; many rows
 //                        of x: blocks of q converted in cache, then torch's float32 GEMM)
 //   int8_int8_matmul     y[m, n] = Σ_k a[m, k] · q[n, k]  (exact int32)   (INT8 a, INT8 q)
 //   int8_dynamic_matmul  W8A8: x's rows quantized to INT8 on the fly, int8_int8_matmul (by hand with
 //                        AVX2 / VNNI instructions where the CPU has them), dequantized
-//   int4_weight_matmul   y[m, n] = Σ_g s[n, g] · Σ_{k in g} x[m, k] · (nibble[n, k] − 8)
+//   int4_weight_matmul   y[m, n] = Σ_k x[m, k] · (nibble[n, k] − 8) · s[n, k / group]
 //
 // The plain references they are tested against: dequantize and F.linear, and torch._int_mm.
 #include <ATen/ATen.h>
@@ -22,6 +23,11 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -34,10 +40,19 @@ void check(const at::Tensor& x, const at::Tensor& w, at::ScalarType xtype, at::S
   TORCH_CHECK(x.scalar_type() == xtype && w.scalar_type() == wtype, "course_kernels: wrong dtypes");
 }
 
+// One float32 scale per weight row [N] (or [N, 1]), or one for all of them (a per-tensor scale).
+at::Tensor row_scales(const at::Tensor& s, int64_t N) {
+  TORCH_CHECK((s.numel() == N || s.numel() == 1) && s.scalar_type() == at::kFloat,
+              "course_kernels: one float32 scale per row, or one for the whole tensor");
+  return s.numel() == N ? s.contiguous() : s.reshape({1}).expand({N}).contiguous();
+}
+
 // y[m, n] = Σ_k x[m, k] · q[n, k] for every row m of x, summed in Acc (float, or int32: exact).
+// With several rows of x, each block of four weight rows is converted to Acc once, not once per row.
 template <typename X, typename Acc>
 void rows_times_int8(const X* x, const int8_t* q, int64_t M, int64_t K, int64_t N, Acc* y) {
   at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> converted(M > 1 ? kRows * K : 0);
     for (int64_t n = begin * kRows; n < std::min(end * kRows, N); n += kRows) {
       if (n + kRows > N) {  // the last rows, one at a time
         for (int64_t r = n; r < N; ++r)
@@ -49,17 +64,33 @@ void rows_times_int8(const X* x, const int8_t* q, int64_t M, int64_t K, int64_t 
           }
         break;
       }
-      const int8_t *q0 = q + n * K, *q1 = q0 + K, *q2 = q1 + K, *q3 = q2 + K;
+      if (M > 1) {
+#pragma omp simd
+        for (int64_t k = 0; k < kRows * K; ++k) converted[k] = Acc(q[n * K + k]);
+      }
       for (int64_t m = 0; m < M; ++m) {
         const X* xm = x + m * K;
         Acc s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        if (M > 1) {
+          const Acc *w0 = converted.data(), *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
-        for (int64_t k = 0; k < K; ++k) {
-          const Acc v = xm[k];
-          s0 += v * Acc(q0[k]);
-          s1 += v * Acc(q1[k]);
-          s2 += v * Acc(q2[k]);
-          s3 += v * Acc(q3[k]);
+          for (int64_t k = 0; k < K; ++k) {
+            const Acc v = xm[k];
+            s0 += v * w0[k];
+            s1 += v * w1[k];
+            s2 += v * w2[k];
+            s3 += v * w3[k];
+          }
+        } else {
+          const int8_t *q0 = q + n * K, *q1 = q0 + K, *q2 = q1 + K, *q3 = q2 + K;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+          for (int64_t k = 0; k < K; ++k) {
+            const Acc v = xm[k];
+            s0 += v * Acc(q0[k]);
+            s1 += v * Acc(q1[k]);
+            s2 += v * Acc(q2[k]);
+            s3 += v * Acc(q3[k]);
+          }
         }
         Acc* ym = y + m * N + n;
         ym[0] = s0, ym[1] = s1, ym[2] = s2, ym[3] = s3;
@@ -74,7 +105,6 @@ void rows_times_int8(const X* x, const int8_t* q, int64_t M, int64_t K, int64_t 
 // madd with ones adds those into 32-bit lanes; with VNNI (AVX-VNNI, AVX-512 VNNI) one instruction,
 // dpbusd, does both. The exact int32 sums, as the plain loop gives them, in a third of the steps.
 #if defined(__AVX2__)
-#include <immintrin.h>
 
 inline __m256i dot_step(__m256i acc, __m256i a_abs, __m256i a, const int8_t* q) {
   const __m256i q_signed = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), a);
@@ -93,24 +123,32 @@ inline int32_t lanes_sum(__m256i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
 }
 
-void int8_rows_simd(const int8_t* a, const int8_t* q, int64_t M, int64_t K, int64_t N, int32_t* y) {
+// R weight rows against one row of a: R accumulators that the compiler keeps in registers.
+template <int R>
+inline void int8_dot_rows(const int8_t* am, const int8_t* q, int64_t K, int32_t* out) {
   const int64_t K32 = K / 32 * 32;
+  __m256i acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < K32; k += 32) {
+    const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(am + k));
+    const __m256i a_abs = _mm256_abs_epi8(av);
+    for (int r = 0; r < R; ++r) acc[r] = dot_step(acc[r], a_abs, av, q + r * K + k);
+  }
+  for (int r = 0; r < R; ++r) {
+    int32_t sum = lanes_sum(acc[r]);
+    for (int64_t k = K32; k < K; ++k) sum += int32_t(am[k]) * int32_t(q[r * K + k]);
+    out[r] = sum;
+  }
+}
+
+void int8_rows_simd(const int8_t* a, const int8_t* q, int64_t M, int64_t K, int64_t N, int32_t* y) {
   at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n0 = begin * kRows; n0 < std::min(end * kRows, N); n0 += kRows) {
-      const int64_t rows = std::min(kRows, N - n0);
       for (int64_t m = 0; m < M; ++m) {
-        const int8_t* am = a + m * K;
-        __m256i acc[kRows] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                              _mm256_setzero_si256()};
-        for (int64_t k = 0; k < K32; k += 32) {
-          const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(am + k));
-          const __m256i a_abs = _mm256_abs_epi8(av);
-          for (int64_t r = 0; r < rows; ++r) acc[r] = dot_step(acc[r], a_abs, av, q + (n0 + r) * K + k);
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          int32_t sum = lanes_sum(acc[r]);
-          for (int64_t k = K32; k < K; ++k) sum += int32_t(am[k]) * int32_t(q[(n0 + r) * K + k]);
-          y[m * N + n0 + r] = sum;
+        if (n0 + kRows <= N) {
+          int8_dot_rows<kRows>(a + m * K, q + n0 * K, K, y + m * N + n0);
+        } else {  // the last rows, one at a time
+          for (int64_t r = n0; r < N; ++r) int8_dot_rows<1>(a + m * K, q + r * K, K, y + m * N + r);
         }
       }
     }
@@ -145,10 +183,10 @@ void blocked_int8_gemm(const at::Tensor& x, const at::Tensor& q, at::Tensor& y) 
 }
 
 at::Tensor int8_weight_matmul(const at::Tensor& x_in, const at::Tensor& q_in, const at::Tensor& s_in) {
-  auto x = x_in.contiguous(), q = q_in.contiguous(), s = s_in.contiguous();
+  auto x = x_in.contiguous(), q = q_in.contiguous();
   check(x, q, at::kFloat, at::kChar, q.size(1));
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  TORCH_CHECK(s.numel() == N && s.scalar_type() == at::kFloat, "course_kernels: one float32 scale per row");
+  auto s = row_scales(s_in, N);
   auto y = at::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
   if (M > kFewRows)
@@ -176,10 +214,10 @@ at::Tensor int8_int8_matmul(const at::Tensor& a_in, const at::Tensor& q_in) {
 // float32 operations as course_lib.quant.absmax_quantize_rows), the exact int32 product, then
 // y = acc · (s_x ⊗ s_w) in float32.
 at::Tensor int8_dynamic_matmul(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& w_scale_in) {
-  auto x = x_in.contiguous(), w_scale = w_scale_in.contiguous();
+  auto x = x_in.contiguous();
   check(x, q, at::kFloat, at::kChar, q.size(1));
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  TORCH_CHECK(w_scale.numel() == N && w_scale.scalar_type() == at::kFloat, "course_kernels: one float32 scale per row");
+  auto w_scale = row_scales(w_scale_in, N);
   auto a = at::empty({M, K}, x.options().dtype(at::kChar));
   auto x_scale = at::empty({M}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -208,38 +246,83 @@ at::Tensor int8_dynamic_matmul(const at::Tensor& x_in, const at::Tensor& q, cons
   return y;
 }
 
+// W4A16 at decode. Byte j of a row holds weights 2j (low nibble) and 2j + 1 (high nibble), so x is
+// split once into its even and odd elements: byte j then meets x_even[j] and x_odd[j].
+#if defined(__AVX512F__)
+// With AVX-512, a group's 16 possible weights (nibble − 8) · scale sit in one register and each
+// nibble picks its weight from it (permutexvar): 32 weights a step, no conversion to float at all.
+// For groups of whole 16-byte chunks (group_size a multiple of 32, as the course's 32 and 192).
+void int4_rows_avx512(const uint8_t* packed, const float* scales, const float* ep, const float* op,
+                      int64_t M, int64_t H, int64_t N, int64_t G, int64_t half, float* y) {
+  const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512i low = _mm512_set1_epi32(15);
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* bytes = packed + n * H;
+      for (int64_t m = 0; m < M; ++m) {
+        const float *xe = ep + m * H, *xo = op + m * H;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t g = 0; g < G; ++g) {
+          const __m512 weights = _mm512_mul_ps(centred, _mm512_set1_ps(scales[n * G + g]));
+          for (int64_t j = g * half; j < (g + 1) * half; j += 16) {
+            const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + j)));
+            acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_and_si512(b, low), weights), _mm512_loadu_ps(xe + j), acc);
+            acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), weights), _mm512_loadu_ps(xo + j), acc);
+          }
+        }
+        y[m * N + n] = _mm512_reduce_add_ps(acc);
+      }
+    }
+  });
+}
+#endif
+
+// Otherwise each block of four weight rows is unpacked once into a small float buffer
+// (nibble − 8) · scale, contiguous loops only, and every row of x is multiplied with it from the cache.
 at::Tensor int4_weight_matmul(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& s_in,
                               int64_t group_size) {
   auto x = x_in.contiguous(), packed = packed_in.contiguous(), s = s_in.contiguous();
   check(x, packed, at::kFloat, at::kByte, 2 * packed.size(1));
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), G = K / group_size;
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), G = K / group_size, H = K / 2;
   TORCH_CHECK(group_size % 2 == 0 && K % group_size == 0 && s.scalar_type() == at::kFloat && s.numel() == N * G,
               "course_kernels: float32 scales [N, K / group_size] for an even group_size that divides K");
+  const int64_t half = group_size / 2;  // bytes per group
+  auto pairs = x.view({M, H, 2});
+  auto x_even = pairs.select(2, 0).contiguous(), x_odd = pairs.select(2, 1).contiguous();
   auto y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
+  const float *ep = x_even.data_ptr<float>(), *op = x_odd.data_ptr<float>(), *sp = s.data_ptr<float>();
   const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const float* sp = s.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    float w[64];  // one chunk of a row's weights, unpacked once for every row of x
-    for (int64_t n = begin; n < end; ++n) {
-      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = 0;
-      for (int64_t g = 0; g < G; ++g) {
-        const float scale = sp[n * G + g];
-        for (int64_t c = 0; c < group_size; c += 64) {
-          const int64_t len = std::min<int64_t>(64, group_size - c), start = g * group_size + c;
-          const uint8_t* bytes = pp + n * (K / 2) + start / 2;
-          for (int64_t j = 0; j < len / 2; ++j) {  // byte j: element 2j low nibble, 2j + 1 high nibble
-            w[2 * j] = float(int(bytes[j] & 15) - 8);
-            w[2 * j + 1] = float(int(bytes[j] >> 4) - 8);
+#if defined(__AVX512F__)
+  if (half % 16 == 0) {
+    int4_rows_avx512(pp, sp, ep, op, M, H, N, G, half, yp);
+    return y;
+  }
+#endif
+  at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> unpacked(kRows * K);  // per row: its even weights [H], then its odd ones [H]
+    for (int64_t n0 = begin * kRows; n0 < std::min(end * kRows, N); n0 += kRows) {
+      const int64_t rows = std::min(kRows, N - n0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const uint8_t* bytes = pp + (n0 + r) * H;
+        float *even = unpacked.data() + r * K, *odd = even + H;
+        for (int64_t g = 0; g < G; ++g) {
+          const float scale = sp[(n0 + r) * G + g];
+#pragma omp simd
+          for (int64_t j = g * half; j < (g + 1) * half; ++j) {
+            even[j] = float(int(bytes[j] & 15) - 8) * scale;
+            odd[j] = float(int(bytes[j] >> 4) - 8) * scale;
           }
-          for (int64_t m = 0; m < M; ++m) {
-            const float* xm = xp + m * K + start;
-            float acc = 0;
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        const float *xe = ep + m * H, *xo = op + m * H;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float *even = unpacked.data() + r * K, *odd = even + H;
+          float acc = 0;
 #pragma omp simd reduction(+ : acc)
-            for (int64_t k = 0; k < len; ++k) acc += xm[k] * w[k];
-            yp[m * N + n] += acc * scale;
-          }
+          for (int64_t j = 0; j < H; ++j) acc += xe[j] * even[j] + xo[j] * odd[j];
+          yp[m * N + n0 + r] = acc;
         }
       }
     }
