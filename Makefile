@@ -98,13 +98,16 @@ browser:
 # llama.cpp beside the course (chapter 02, bench_end_to_end.py): llama-cpp-python built from source,
 # 5-9 minutes on 2 cores. On a CPU with AMX (Xeon Sapphire Rapids and later), llama.cpp's AMX path
 # crashes on quantized files (llama.cpp issue 20824; Q8_0 and Q4_1 segfaulted here, F32 ran): there
-# it is built without AMX, with the instruction sets every such CPU has.
+# it is built without AMX, with the instruction sets every such CPU has — always built afresh
+# (--no-cache-dir, --force-reinstall): pip would otherwise reuse a wheel built earlier with AMX.
 NO_AMX := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX_VNNI=ON \
 	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 HAS_AMX := $(shell grep -qw amx_int8 /proc/cpuinfo 2>/dev/null && echo yes)
 engines: setup
-	CMAKE_ARGS="$(if $(HAS_AMX),$(NO_AMX))" $(PY) -m pip install --quiet -e ".[engines]"
+	$(if $(HAS_AMX),CMAKE_ARGS="$(NO_AMX)" $(PY) -m pip install --quiet --no-cache-dir --force-reinstall \
+		--no-deps "llama-cpp-python>=0.3")
+	$(PY) -m pip install --quiet -e ".[engines]"
 
 benchmarks: setup-test model
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
