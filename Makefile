@@ -96,7 +96,7 @@ browser:
 	else echo "chromium is missing (as root: apt-get install chromium): tests/test_browser.py will skip"; fi
 
 # llama.cpp beside the course (chapter 02, bench_end_to_end.py): llama-cpp-python built from source,
-# 5-9 minutes on 2 cores. On a CPU with AMX (Xeon Sapphire Rapids and later), llama.cpp's AMX path
+# 5-10 minutes on 2 cores. On a CPU with AMX (Xeon Sapphire Rapids and later), llama.cpp's AMX path
 # crashes on quantized files (llama.cpp issue 20824; Q8_0 and Q4_1 segfaulted here, F32 ran): there
 # it is built without AMX, with the instruction sets every such CPU has — always built afresh
 # (--no-cache-dir, --force-reinstall): pip would otherwise reuse a wheel built earlier with AMX.

@@ -1,7 +1,7 @@
 """llama.cpp beside the course: the same GGUF file run by the engine people actually use (chapter 02).
 
 llama-cpp-python is an optional extra (`make engines`: `pip install -e ".[engines]"`, built from
-source, 5-9 minutes on 2 cores; on a CPU with AMX, without llama.cpp's AMX path, which crashes there).
+source, 5-10 minutes on 2 cores; on a CPU with AMX, without llama.cpp's AMX path, which crashes there).
 `llama_cpp_gguf(kind)` gives the teacher's shipped Q4_1 file, or a Q8_0 / F16 / F32 file made from it
 by llama.cpp's own quantizer (cached, once); `llama_cpp_speed` times prefill and batch-1 greedy
 decode on it, as `course_lib.evaluate` times the course's models.
@@ -19,7 +19,7 @@ from .models import TEACHER_NAME, teacher_gguf_path
 from .runtime import cache_dir
 
 INSTALL_HINT = ('llama.cpp is not installed: make engines (pip install -e ".[engines]", built from source: '
-                '5-9 min on 2 cores; without AMX on CPUs that have it, see the Makefile)')
+                '5-10 min on 2 cores; without AMX on CPUs that have it, see the Makefile)')
 # llama.cpp's file types (llama.h, enum llama_ftype)
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_1": 3, "Q8_0": 7}
 
