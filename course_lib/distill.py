@@ -415,6 +415,7 @@ def chapter_recipe(budget=None) -> dict:
             "train_examples": b.train_examples, "batch_size": b.batch_size, "max_length": b.max_length,
             "warmup_steps": b.warmup_steps, "temperature": b.temperature, "lmbda": b.lmbda,
             "on_policy_new_tokens": b.on_policy_new_tokens, "row_length": None, "top_k": None, "human_texts": 0,
+            "intermediate_size": None,
             "seed": 0, "data_sha256": dataset_sha256(), "version": STUDENT_VERSION}
 
 
@@ -424,12 +425,14 @@ def capstone_recipe(budget=None) -> dict:
     `capstone_examples` teacher-written answers and the last `capstone_human_texts` texts of the human
     corpus (`distillation_texts`), cut at `capstone_max_length` tokens, packed into rows of
     `capstone_row_length` tokens, `capstone_batch_size` rows a step, with the teacher's `capstone_top_k`
-    logits (in the ci profile, the chapter's own student)."""
+    logits; each layer keeps `capstone_intermediate_size` MLP channels (None: all) by Minitron's
+    activation importance (in the ci profile, the chapter's own student)."""
     b = budget if budget is not None else profile().distill
     return {**chapter_recipe(b), "n_layers": b.capstone_layers, "steps": b.capstone_steps, "lr": b.capstone_lr,
             "warm_start_steps": b.capstone_warm_start_steps, "train_examples": b.capstone_examples,
             "max_length": b.capstone_max_length, "batch_size": b.capstone_batch_size,
-            "row_length": b.capstone_row_length, "top_k": b.capstone_top_k, "human_texts": b.capstone_human_texts}
+            "row_length": b.capstone_row_length, "top_k": b.capstone_top_k, "human_texts": b.capstone_human_texts,
+            "intermediate_size": b.capstone_intermediate_size}
 
 
 def distillation_texts(recipe: dict) -> list[str]:
@@ -471,9 +474,9 @@ def save_student(model, recipe: dict, metrics: dict | None = None) -> Path:
 def warm_start(teacher, tokenizer, recipe: dict, train_batches: Sequence[dict], progress: bool = True,
                layers: Sequence[int] | None = None):
     """The student every chapter-04 method starts from: `make_student` (the measured `layers` unless
-    given), then `warm_start_steps` of SFT on the teacher's text (MiniLLM and GKD, too, start from a
-    fine-tuned student)."""
-    student = make_student(teacher, recipe["n_layers"], layers)
+    given, the recipe's MLP width), then `warm_start_steps` of SFT on the teacher's text (MiniLLM and
+    GKD, too, start from a fine-tuned student)."""
+    student = make_student(teacher, recipe["n_layers"], layers, intermediate_size=recipe["intermediate_size"])
     if recipe["warm_start_steps"]:
         distill(student, "sft", train_batches, steps=recipe["warm_start_steps"], lr=recipe["lr"],
                 warmup_steps=recipe["warmup_steps"], seed=recipe["seed"], progress=progress)

@@ -216,20 +216,24 @@ def spread_layers(n_teacher: int, n_student: int) -> list[int]:
 
 
 def make_student(teacher: nn.Module, n_layers: int, layers: Sequence[int] | None = None,
-                 calibration: Sequence[dict] | None = None) -> nn.Module:
-    """A shallower copy of `teacher`: same family, width and tokenizer, `n_layers` decoder layers.
+                 calibration: Sequence[dict] | None = None, intermediate_size: int | None = None) -> nn.Module:
+    """A smaller copy of `teacher`: same family, hidden size and tokenizer, `n_layers` decoder layers.
 
     DistilBERT-style initialization (Sanh et al. 2019): the embeddings, final norm and head are
     copied, and each student layer starts as a copy of a teacher layer: by default the `n_layers`
     of highest block influence on `calibration` batches (ShortGPT, `pruning.measured_layers`),
-    or the given `layers` (`spread_layers` for an even spread). Chapters 03-04 distill into it.
+    or the given `layers` (`spread_layers` for an even spread). With `intermediate_size`, each layer
+    keeps only that many MLP channels, the most important by their activations in the teacher on
+    `calibration` (Minitron's width pruning, `pruning.prune_mlp_width`). Chapters 03-04 distill into it.
     """
-    from .pruning import measured_layers  # pruning builds on this module
+    from .pruning import calibration_batches, measured_layers, mlp_channel_importance, prune_mlp_width
 
     config = teacher.config.__class__.from_dict(teacher.config.to_dict())
     n_teacher = config.num_hidden_layers
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= n_teacher:
         raise ValueError(f"n_layers must be an int between 1 and the teacher's {n_teacher}, got {n_layers!r}")
+    if calibration is None and (layers is None or intermediate_size is not None):
+        calibration = calibration_batches()
     if layers is None:
         layers = measured_layers(teacher, n_layers, calibration)
     layers = list(layers)
@@ -253,6 +257,8 @@ def make_student(teacher: nn.Module, n_layers: int, layers: Sequence[int] | None
         else:
             state[name] = tensor
     student.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True)
+    if intermediate_size is not None:
+        prune_mlp_width(student, mlp_channel_importance(teacher, calibration)[layers], intermediate_size)
     student.config.course_student_layers = layers
     student.generation_config = copy.deepcopy(teacher.generation_config)  # its own, not the teacher's
     param = next(teacher.parameters())

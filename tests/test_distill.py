@@ -325,9 +325,10 @@ def test_distilled_student_is_cached_and_reloaded(teacher, tmp_path, monkeypatch
     monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
     (tmp_path / checkpoint.name).symlink_to(checkpoint)  # a fresh student cache, the same teacher (no conversion)
     recipe = {**distill.capstone_recipe(), "n_layers": 1, "warm_start_steps": 1, "steps": 1, "train_examples": 2,
-              "batch_size": 2, "max_length": 48}
+              "batch_size": 2, "max_length": 48, "intermediate_size": 512}  # width-pruned, like the capstone's
     first, info = distill.distilled_student(model, tok, recipe)
     assert info["built"] and info["recipe"] == recipe and info["metrics"]["tokens"] > 0
+    assert first.config.intermediate_size == 512 and first.model.layers[0].mlp.up_proj.weight.shape == (512, 576)
     again, info_again = distill.distilled_student(model, tok, recipe)
     assert not info_again["built"] and info_again["path"] == info["path"]
     for (name, a), b in zip(first.state_dict().items(), again.state_dict().values()):
@@ -376,8 +377,8 @@ def test_capstone_recipe_is_the_chapter_recipe_deeper_and_longer():
                             "warm_start_steps": b.capstone_warm_start_steps, "train_examples": b.capstone_examples,
                             "max_length": b.capstone_max_length, "batch_size": b.capstone_batch_size,
                             "row_length": b.capstone_row_length, "top_k": b.capstone_top_k,
-                            "human_texts": b.capstone_human_texts}
-        assert chapter["cosine"] and chapter["n_layers"] == b.student_layers
+                            "human_texts": b.capstone_human_texts, "intermediate_size": b.capstone_intermediate_size}
+        assert chapter["cosine"] and chapter["n_layers"] == b.student_layers and chapter["intermediate_size"] is None
         assert chapter["row_length"] is None and chapter["top_k"] is None  # chapter 04 compares on every logit
         texts = distill.distillation_texts(capstone)
         assert len(texts) == b.capstone_human_texts

@@ -1,4 +1,4 @@
-"""course_lib.pruning: ShortGPT block influence and the layers a student keeps, on tiny random Llamas."""
+"""course_lib.pruning: ShortGPT block influence, Minitron MLP width, and what a student keeps, on tiny random Llamas."""
 import pytest
 import torch
 
@@ -88,3 +88,69 @@ def test_explicit_layers_win_and_block_influence_needs_batches():
     assert student.config.course_student_layers == [1, 4]
     with pytest.raises(ValueError, match="non-empty"):
         pruning.block_influence(tiny_llama(), [])
+
+
+def kill_channels(model, dead):
+    """Zero up_proj's rows `dead` in every layer: those MLP channels output act(gate·x)·0 = 0."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[dead] = 0
+
+
+def test_channel_importance_is_mean_abs_activation_and_zero_for_dead_channels():
+    model = tiny_llama(layers=2)
+    kill_channels(model, [3, 10, 40])
+    importance = pruning.mlp_channel_importance(model, calibration())
+    assert importance.shape == (2, 64) and importance.dtype == torch.float64 and not model.training
+    assert bool((importance[:, [3, 10, 40]] == 0).all()) and bool((importance.sum(1) > 0).all())
+    seen = []  # the same mean |act(gate·x)·(up·x)|, read by hand at layer 1's down_proj
+    handle = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        model(**calibration()[0])
+    handle.remove()
+    torch.testing.assert_close(importance[1], seen[0].abs().mean((0, 1)).double(), rtol=1e-5, atol=1e-7)
+
+
+def test_channel_importance_ignores_padding():
+    model = tiny_llama(layers=2)
+    row = calibration(rows=1)[0]["input_ids"]
+    padded = torch.cat([row, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    plain = pruning.mlp_channel_importance(model, [{"input_ids": row}])
+    with_pad = pruning.mlp_channel_importance(model, [{"input_ids": padded, "attention_mask": (padded != 0).long()}])
+    torch.testing.assert_close(plain, with_pad, rtol=1e-5, atol=1e-7)
+
+
+def test_pruning_only_dead_channels_leaves_the_logits_unchanged_and_reloads(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model = tiny_llama(layers=3)
+    dead = list(range(0, 64, 4))  # 16 of 64 channels
+    kill_channels(model, dead)
+    ids = calibration()[0]["input_ids"]
+    with torch.no_grad():
+        before = model(ids).logits
+    importance = pruning.mlp_channel_importance(model, calibration())
+    assert pruning.prune_mlp_width(model, importance, 48) is model
+    assert model.config.intermediate_size == 48
+    for layer in model.model.layers:
+        assert layer.mlp.gate_proj.weight.shape == (48, 32) and layer.mlp.down_proj.weight.shape == (32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, before, rtol=1e-5, atol=1e-6)
+
+
+def test_pruning_more_changes_the_output_and_bad_widths_are_refused():
+    model = tiny_llama(layers=2)
+    ids = calibration()[0]["input_ids"]
+    importance = pruning.mlp_channel_importance(model, calibration())
+    with torch.no_grad():
+        before = model(ids).logits
+        assert not torch.allclose(pruning.prune_mlp_width(model, importance, 16)(ids).logits, before)
+    for width in (0, 65, -1, 8.0, True):
+        with pytest.raises(ValueError, match="intermediate_size must be an int between 1 and the model's 64"):
+            pruning.prune_mlp_width(tiny_llama(layers=2), importance, width)
+    with pytest.raises(ValueError, match=r"importance must have shape \(2, 64\)"):
+        pruning.prune_mlp_width(tiny_llama(layers=2), importance[:1], 16)
