@@ -24,12 +24,12 @@ PROFILES = ("ci", "laptop", "gpu")
 _BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
     "ci": {
         # chapter 06 (self-improvement): questions, samples per question, self-training and born-again steps
-        "self_improve": {"n_train": 24, "n_heldout": 32, "k": 4, "ks": (1, 2, 4), "format_questions": 6,
+        "self_improve": {"n_train": 16, "n_heldout": 16, "k": 4, "ks": (1, 2, 4), "format_questions": 6,
                          "format_new_tokens": 32, "steps": 4, "batch_size": 8, "rounds": 1, "born_again_steps": 2,
                          "exercise_questions": 4, "exercise_k": 4,
                          "max_operand": 19, "temperature": 0.7, "threshold": 0.5, "max_new_tokens": 16, "gen_batch_size": 64,
                          "lora_r": 8, "lora_top_layers": 10, "lr": 5e-4},
-        "capstone": {"eval_texts": 8, "max_length": 128, "heldout_examples": 12, "questions": 20,
+        "capstone": {"eval_texts": 8, "max_length": 128, "heldout_examples": 8, "questions": 10,
                      "speed_batch": 4, "speed_tokens": 64, "decode_steps": 8, "repeats": 2, "tolerance": 0.5},
         "evaluate": {"eval_texts": 16, "max_length": 128, "batch_size": 8},
         "chat": {"max_new_tokens": 32, "batch_prompts": 4, "speed_new_tokens": 16},

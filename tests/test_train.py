@@ -235,7 +235,7 @@ WORKER = textwrap.dedent("""
     from accelerate import Accelerator, PartialState
     from course_lib.train import lm_loss, train
 
-    rank, case = int(os.environ["RANK"]), sys.argv[1]
+    rank = int(os.environ["RANK"])
     hooks = []  # one entry per gradient bucket all-reduced: counts the synchronizations
     prepare = Accelerator.prepare
 
@@ -249,18 +249,23 @@ WORKER = textwrap.dedent("""
         return out
 
     Accelerator.prepare = counting_prepare
-    model = tiny_llama(seed=rank)  # different on purpose: DDP starts every replica from rank 0's
-    if case == "plain":
-        result = train(model, lm_loss, tiny_batches(2), steps=1, lr=1e-2, max_grad_norm=None, progress=False)
-    else:  # two steps of two micro-batches: rank 0 takes batches 0 and 2, rank 1 batches 1 and 3
-        torch.optim.AdamW = lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr)
-        result = train(model, lm_loss, uneven_batches(), steps=2, grad_accum=2, lr=0.5, max_grad_norm=None,
-                       progress=False)
-    state = PartialState()
-    torch.save({{"state": model.state_dict(), "loss": result.losses[0], "rank": state.process_index,
-                 "world": state.num_processes, "backend": state.backend, "hooks": hooks}},
-               {out!r} + f"/{{case}}-rank{{rank}}.pt")
+    for case in sys.argv[1:]:  # one launch for every case: starting the processes is most of the time
+        hooks.clear()
+        model = tiny_llama(seed=rank)  # different on purpose: DDP starts every replica from rank 0's
+        if case == "plain":
+            result = train(model, lm_loss, tiny_batches(2), steps=1, lr=1e-2, max_grad_norm=None, progress=False)
+        else:  # two steps of two micro-batches: rank 0 takes batches 0 and 2, rank 1 batches 1 and 3
+            torch.optim.AdamW = lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr)
+            result = train(model, lm_loss, uneven_batches(), steps=2, grad_accum=2, lr=0.5, max_grad_norm=None,
+                           progress=False)
+        state = PartialState()
+        torch.save({{"state": model.state_dict(), "loss": result.losses[0], "rank": state.process_index,
+                     "world": state.num_processes, "backend": state.backend, "hooks": list(hooks)}},
+                   {out!r} + f"/{{case}}-rank{{rank}}.pt")
 """)
+
+
+CASES = ("plain", "accumulate")
 
 
 def _free_port() -> int:
@@ -269,23 +274,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(tmp_path, case: str) -> list[dict]:
-    """`accelerate launch --multi_gpu --num_processes 2` on CPUs (gloo); each rank's saved results."""
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> dict[str, list[dict]]:
+    """`accelerate launch --multi_gpu --num_processes 2` on CPUs (gloo), once for every case; each
+    case's saved results of each rank."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPUs even on a GPU machine
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(script), case]
+           "--main_process_port", str(_free_port()), str(script), *CASES]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return [torch.load(tmp_path / f"{case}-rank{r}.pt") for r in range(2)]
+    return {case: [torch.load(tmp_path / f"{case}-rank{r}.pt") for r in range(2)] for case in CASES}
 
 
-def test_two_cpu_processes_keep_identical_replicas(tmp_path):
+def test_two_cpu_processes_keep_identical_replicas(two_processes):
     """One step, each rank its own micro-batch, gradients averaged over gloo; the loop's default
     accelerator must notice the two processes."""
-    ranks = run_two_processes(tmp_path, "plain")
+    ranks = two_processes["plain"]
     assert [(r["rank"], r["world"], r["backend"]) for r in ranks] == [(0, 2, "gloo"), (1, 2, "gloo")]
     assert ranks[0]["loss"] != ranks[1]["loss"]  # each rank saw its own batch
     for name, tensor in ranks[0]["state"].items():
@@ -298,11 +306,11 @@ def test_two_cpu_processes_keep_identical_replicas(tmp_path):
     assert not torch.equal(single.state_dict()["lm_head.weight"], tiny_llama(seed=0).state_dict()["lm_head.weight"])
 
 
-def test_two_processes_accumulating_different_data_match_one_big_batch(tmp_path, plain_sgd):
+def test_two_processes_accumulating_different_data_match_one_big_batch(two_processes, plain_sgd):
     """Two steps of 2 micro-batches on each of 2 ranks, each rank with its own (uneven) batches, equal
     one process's steps over all 4 batches, and the by-hand gradient of the mean over all their
     label tokens; the gradients are all-reduced once per optimizer step, not once per micro-batch."""
-    ranks = run_two_processes(tmp_path, "accumulate")
+    ranks = two_processes["accumulate"]
     assert ranks[0]["loss"] != ranks[1]["loss"]  # different data on each rank
     buckets = len(set(ranks[0]["hooks"]))
     assert buckets >= 1 and len(ranks[0]["hooks"]) == 2 * buckets  # two steps: two synchronizations
