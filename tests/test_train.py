@@ -61,11 +61,15 @@ def sgd_step_by_hand(model, batches, lr):
             p.grad = None
 
 
-@pytest.fixture
-def plain_sgd(monkeypatch):
+def use_plain_sgd(monkeypatch):
     """The loop's AdamW swapped for plain SGD: a step is then lr × the gradient itself, so comparing
     weights compares whole gradients (Adam's first step only shows their signs)."""
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
+
+
+@pytest.fixture
+def plain_sgd(monkeypatch):
+    use_plain_sgd(monkeypatch)
 
 
 def test_response_labels_mask_prompt_and_padding():
@@ -274,11 +278,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory) -> dict[str, list[dict]]:
+def run_two_processes(tmp_path) -> dict[str, list[dict]]:
     """`accelerate launch --multi_gpu --num_processes 2` on CPUs (gloo), once for every case; each
     case's saved results of each rank."""
-    tmp_path = tmp_path_factory.mktemp("ddp")
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPUs even on a GPU machine
@@ -290,10 +292,15 @@ def two_processes(tmp_path_factory) -> dict[str, list[dict]]:
     return {case: [torch.load(tmp_path / f"{case}-rank{r}.pt") for r in range(2)] for case in CASES}
 
 
-def test_two_cpu_processes_keep_identical_replicas(two_processes):
-    """One step, each rank its own micro-batch, gradients averaged over gloo; the loop's default
-    accelerator must notice the two processes."""
-    ranks = two_processes["plain"]
+def test_two_cpu_processes_train_as_one_process_does(tmp_path, monkeypatch):
+    """Both cases from one launch (starting the processes is most of the time).
+    "plain": one step, each rank its own micro-batch, gradients averaged over gloo; the loop's default
+    accelerator must notice the two processes.
+    "accumulate": two steps of 2 micro-batches on each of 2 ranks, each rank with its own (uneven)
+    batches, equal one process's steps over all 4 batches, and the by-hand gradient of the mean over
+    all their label tokens; the gradients are all-reduced once per optimizer step, not per micro-batch."""
+    cases = run_two_processes(tmp_path)
+    ranks = cases["plain"]
     assert [(r["rank"], r["world"], r["backend"]) for r in ranks] == [(0, 2, "gloo"), (1, 2, "gloo")]
     assert ranks[0]["loss"] != ranks[1]["loss"]  # each rank saw its own batch
     for name, tensor in ranks[0]["state"].items():
@@ -305,12 +312,8 @@ def test_two_cpu_processes_keep_identical_replicas(two_processes):
         torch.testing.assert_close(ranks[0]["state"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     assert not torch.equal(single.state_dict()["lm_head.weight"], tiny_llama(seed=0).state_dict()["lm_head.weight"])
 
-
-def test_two_processes_accumulating_different_data_match_one_big_batch(two_processes, plain_sgd):
-    """Two steps of 2 micro-batches on each of 2 ranks, each rank with its own (uneven) batches, equal
-    one process's steps over all 4 batches, and the by-hand gradient of the mean over all their
-    label tokens; the gradients are all-reduced once per optimizer step, not once per micro-batch."""
-    ranks = two_processes["accumulate"]
+    ranks = cases["accumulate"]  # the worker ran it with plain SGD, and so does one process here
+    use_plain_sgd(monkeypatch)
     assert ranks[0]["loss"] != ranks[1]["loss"]  # different data on each rank
     buckets = len(set(ranks[0]["hooks"]))
     assert buckets >= 1 and len(ranks[0]["hooks"]) == 2 * buckets  # two steps: two synchronizations
