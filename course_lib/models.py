@@ -226,6 +226,7 @@ def make_student(teacher: nn.Module, n_layers: int, layers: Sequence[int] | None
     keeps only that many MLP channels, the most important by their activations in the teacher on
     `calibration` (Minitron's width pruning, `pruning.prune_mlp_width`). Chapters 03-04 distill into it.
     """
+    # pruning builds on this module, so it is imported here
     from .pruning import calibration_batches, measured_layers, mlp_channel_importance, prune_mlp_width
 
     config = teacher.config.__class__.from_dict(teacher.config.to_dict())
