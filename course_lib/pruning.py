@@ -107,7 +107,6 @@ def measured_layers(model, n_layers: int, batches: Sequence[dict] | None = None)
     return most_influential(block_influence(model, batches or calibration_batches()), n_layers)
 
 
-
 @torch.no_grad()
 def prune_mlp_width(model, importance: torch.Tensor, intermediate_size: int):
     """Keep, in every decoder layer, the `intermediate_size` MLP channels of highest `importance`
