@@ -36,7 +36,7 @@ _BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
         # chapters 01-02 (quantization): evaluation texts (the corpus's first), calibration texts (its
         # last), speed runs (speed_batch prompts of speed_tokens tokens), GGUF tensors checked bit by bit
         "quant": {"eval_texts": 8, "max_length": 128, "batch_size": 8, "calibration_texts": 8,
-                  "speed_batch": 4, "speed_tokens": 64, "decode_steps": 8, "speed_repeats": 2,
+                  "speed_batch": 8, "speed_tokens": 64, "decode_steps": 8, "speed_repeats": 2,
                   "gguf_tensors": 12},
         # chapters 03-04 (distillation): student size, teacher-written examples, steps, learning rates
         "distill": {"student_layers": 6, "train_examples": 16, "heldout_examples": 8, "sft_examples": 32,
