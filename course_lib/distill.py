@@ -339,12 +339,14 @@ def on_policy_stream(student, teacher, tokenizer, prompts: Sequence[str], offlin
 def distill(student, method: str, batches: Sequence[dict], steps: int, lr: float = 1e-4,
             teacher=None, tokenizer=None, prompts: Sequence[str] = (), lmbda: float = 0.5,
             temperature: float = 1.0, beta: float = 0.5, max_new_tokens: int = 64, grad_accum: int = 1,
-            warmup_steps: int = 0, cosine: bool = False, seed: int = 0, progress: bool = True) -> TrainResult:
+            warmup_steps: int = 0, cosine: bool = False, seed: int = 0, progress: bool = True,
+            cpu_bfloat16: bool = False) -> TrainResult:
     """Train `student` in place by `method` (see METHODS) for `steps` steps with the shared loop.
 
     "sft" learns the teacher's text (sequence-level KD, Kim & Rush 2016); the divergences learn the
     teacher's logits carried by `batches`; "on_policy_jsd" mixes in the student's own samples for
-    `prompts`, scored by `teacher` (GKD). `cosine` decays the learning rate after the warmup.
+    `prompts`, scored by `teacher` (GKD). `cosine` decays the learning rate after the warmup;
+    `cpu_bfloat16` trains in bfloat16 autocast on a CPU that multiplies bfloat16 in hardware (`train`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -367,7 +369,7 @@ def distill(student, method: str, batches: Sequence[dict], steps: int, lr: float
     else:
         loss_fn = token_kd_loss(method, teacher=teacher, temperature=temperature, beta=beta)
     return train(student, loss_fn, stream, steps=steps, lr=lr, grad_accum=grad_accum, seed=seed,
-                 progress=progress, desc=method, warmup_steps=warmup_steps, cosine=cosine)
+                 progress=progress, desc=method, warmup_steps=warmup_steps, cosine=cosine, cpu_bfloat16=cpu_bfloat16)
 
 
 @torch.no_grad()
@@ -415,7 +417,7 @@ def chapter_recipe(budget=None) -> dict:
             "train_examples": b.train_examples, "batch_size": b.batch_size, "max_length": b.max_length,
             "warmup_steps": b.warmup_steps, "temperature": b.temperature, "lmbda": b.lmbda,
             "on_policy_new_tokens": b.on_policy_new_tokens, "row_length": None, "top_k": None, "human_texts": 0,
-            "intermediate_size": None,
+            "intermediate_size": None, "cpu_bfloat16": False,
             "seed": 0, "data_sha256": dataset_sha256(), "version": STUDENT_VERSION}
 
 
@@ -426,13 +428,14 @@ def capstone_recipe(budget=None) -> dict:
     corpus (`distillation_texts`), cut at `capstone_max_length` tokens, packed into rows of
     `capstone_row_length` tokens, `capstone_batch_size` rows a step, with the teacher's `capstone_top_k`
     logits; each layer keeps `capstone_intermediate_size` MLP channels (None: all) by Minitron's
-    activation importance (in the ci profile, the chapter's own student)."""
+    activation importance (in the ci profile, the chapter's own student); with `capstone_cpu_bfloat16`
+    it trains in bfloat16 autocast where the CPU multiplies bfloat16 in hardware (`train`)."""
     b = budget if budget is not None else profile().distill
     return {**chapter_recipe(b), "n_layers": b.capstone_layers, "steps": b.capstone_steps, "lr": b.capstone_lr,
             "warm_start_steps": b.capstone_warm_start_steps, "train_examples": b.capstone_examples,
             "max_length": b.capstone_max_length, "batch_size": b.capstone_batch_size,
             "row_length": b.capstone_row_length, "top_k": b.capstone_top_k, "human_texts": b.capstone_human_texts,
-            "intermediate_size": b.capstone_intermediate_size}
+            "intermediate_size": b.capstone_intermediate_size, "cpu_bfloat16": b.capstone_cpu_bfloat16}
 
 
 def distillation_texts(recipe: dict) -> list[str]:
@@ -479,7 +482,8 @@ def warm_start(teacher, tokenizer, recipe: dict, train_batches: Sequence[dict], 
     student = make_student(teacher, recipe["n_layers"], layers, intermediate_size=recipe["intermediate_size"])
     if recipe["warm_start_steps"]:
         distill(student, "sft", train_batches, steps=recipe["warm_start_steps"], lr=recipe["lr"],
-                warmup_steps=recipe["warmup_steps"], seed=recipe["seed"], progress=progress)
+                warmup_steps=recipe["warmup_steps"], seed=recipe["seed"], progress=progress,
+                cpu_bfloat16=recipe["cpu_bfloat16"])
     return student
 
 
@@ -496,7 +500,8 @@ def run_recipe(teacher, tokenizer, recipe: dict, train_batches: Sequence[dict], 
                      steps=recipe["steps"], lr=recipe["lr"], teacher=teacher, tokenizer=tokenizer,
                      prompts=prompts, lmbda=recipe["lmbda"], temperature=recipe["temperature"],
                      max_new_tokens=recipe["on_policy_new_tokens"], warmup_steps=recipe["warmup_steps"],
-                     cosine=recipe["cosine"], seed=recipe["seed"], progress=progress)
+                     cosine=recipe["cosine"], seed=recipe["seed"], progress=progress,
+                     cpu_bfloat16=recipe["cpu_bfloat16"])
     return student, result
 
 

@@ -6,7 +6,8 @@ the gradients once per optimizer step). Anything trainable fits: `loss_fn(model,
 the MEAN loss of its batch (SFT cross-entropy, a KD divergence, the DPO loss, ...) and the loop
 weights each mean by what it averaged over (`label_tokens`, or `examples` for per-example losses),
 so accumulation and more processes give the gradient of one big batch. On a CUDA GPU the forward
-passes run in bfloat16 autocast with TF32 matmuls; a CPU trains in float32.
+passes run in bfloat16 autocast with TF32 matmuls; a CPU trains in float32, or with `cpu_bfloat16`
+in bfloat16 autocast where it multiplies bfloat16 in hardware (`kernels.cpu_has_bf16_matmul`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .kernels import cpu_has_bf16_matmul
 from .models import chat_prompts
 from .runtime import seeded
 from .scoring import response_logits, response_mask
@@ -108,11 +110,14 @@ def _default_weight(batch) -> int:
     return label_tokens(batch) if isinstance(batch, dict) and "labels" in batch else examples(batch)
 
 
-def autocast_for(device: torch.device):
-    """bfloat16 autocast for a forward pass on a CUDA GPU that has it; on anything else nothing
-    (a CPU trains in float32)."""
+def autocast_for(device: torch.device, cpu_bfloat16: bool = False):
+    """bfloat16 autocast for a forward pass on a CUDA GPU that has it and, with `cpu_bfloat16`, on a
+    CPU that multiplies bfloat16 in hardware (`cpu_has_bf16_matmul`); anything else runs float32.
+    Weights, gradients and the optimizer stay float32 (mixed precision, Micikevicius et al. 2018)."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and cpu_bfloat16 and cpu_has_bf16_matmul():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -143,7 +148,8 @@ def lr_factor(step: int, steps: int, warmup_steps: int = 0, cosine: bool = False
 def train(model, loss_fn: Callable, batches: Sequence | Iterable, steps: int, lr: float = 1e-4,
           grad_accum: int = 1, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
           seed: int = 0, progress: bool = True, desc: str = "training", accelerator=None,
-          warmup_steps: int = 0, weight_fn: Callable | None = None, cosine: bool = False) -> TrainResult:
+          warmup_steps: int = 0, weight_fn: Callable | None = None, cosine: bool = False,
+          cpu_bfloat16: bool = False) -> TrainResult:
     """Minimize `loss_fn(model, batch)` for `steps` optimizer steps of `grad_accum` micro-batches.
 
     `loss_fn` returns the mean loss of its batch and `weight_fn(batch)` how many units that mean
@@ -155,7 +161,8 @@ def train(model, loss_fn: Callable, batches: Sequence | Iterable, steps: int, lr
     `batches` is a list (cycled) or an iterator (e.g. on-policy samples drawn as training goes).
     Only parameters with requires_grad train (LoRA: the adapters). `warmup_steps` ramps the
     learning rate linearly up to `lr` (short runs from a broken start diverge less); `cosine` then
-    decays it towards 0 (`lr_factor`). Seeded on a
+    decays it towards 0 (`lr_factor`). `cpu_bfloat16` runs the forward passes in bfloat16 autocast on
+    a CPU that multiplies bfloat16 in hardware (`autocast_for`; a CUDA GPU always does). Seeded on a
     forked random stream (the caller's is left as it was); trains `model` in place and leaves it in
     eval mode.
     """
@@ -165,6 +172,8 @@ def train(model, loss_fn: Callable, batches: Sequence | Iterable, steps: int, lr
         raise ValueError(f"steps and grad_accum must be at least 1, got {steps} and {grad_accum}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if not isinstance(cpu_bfloat16, bool):
+        raise ValueError(f"cpu_bfloat16 must be True or False, got {cpu_bfloat16!r}")
     accelerator = accelerator or default_accelerator()
     if accelerator.gradient_accumulation_steps != 1:
         raise ValueError("give accumulation to train(grad_accum=...), not to the Accelerator "
@@ -194,7 +203,7 @@ def train(model, loss_fn: Callable, batches: Sequence | Iterable, steps: int, lr
             for i, (batch, weight) in enumerate(zip(micro, weights)):
                 last = i == len(micro) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
-                    with autocast_for(device):
+                    with autocast_for(device, cpu_bfloat16):
                         loss = loss_fn(wrapped, batch)
                     # DDP averages over processes, so each scales by processes / total weight
                     accelerator.backward(loss * (weight * accelerator.num_processes / total))

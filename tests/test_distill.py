@@ -377,8 +377,10 @@ def test_capstone_recipe_is_the_chapter_recipe_deeper_and_longer():
                             "warm_start_steps": b.capstone_warm_start_steps, "train_examples": b.capstone_examples,
                             "max_length": b.capstone_max_length, "batch_size": b.capstone_batch_size,
                             "row_length": b.capstone_row_length, "top_k": b.capstone_top_k,
-                            "human_texts": b.capstone_human_texts, "intermediate_size": b.capstone_intermediate_size}
+                            "human_texts": b.capstone_human_texts, "intermediate_size": b.capstone_intermediate_size,
+                            "cpu_bfloat16": b.capstone_cpu_bfloat16}
         assert chapter["cosine"] and chapter["n_layers"] == b.student_layers and chapter["intermediate_size"] is None
+        assert chapter["cpu_bfloat16"] is False  # chapter 04 compares its methods in float32
         assert chapter["row_length"] is None and chapter["top_k"] is None  # chapter 04 compares on every logit
         texts = distill.distillation_texts(capstone)
         assert len(texts) == b.capstone_human_texts
