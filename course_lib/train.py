@@ -191,6 +191,7 @@ def train(model, loss_fn: Callable, batches: Sequence | Iterable, steps: int, lr
     result = TrainResult()
     start = time.perf_counter()
     bar = tqdm(range(steps), desc=desc, disable=not progress or not accelerator.is_main_process)
+    autocast = autocast_for(device, cpu_bfloat16)  # decided once (it reads the CPU's flags), entered per forward
     with seeded(seed), tf32_matmuls(device):
         for _ in bar:
             micro = [next(stream) for _ in range(grad_accum)]
@@ -203,7 +204,7 @@ def train(model, loss_fn: Callable, batches: Sequence | Iterable, steps: int, lr
             for i, (batch, weight) in enumerate(zip(micro, weights)):
                 last = i == len(micro) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
-                    with autocast_for(device, cpu_bfloat16):
+                    with autocast:
                         loss = loss_fn(wrapped, batch)
                     # DDP averages over processes, so each scales by processes / total weight
                     accelerator.backward(loss * (weight * accelerator.num_processes / total))
