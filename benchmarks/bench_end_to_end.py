@@ -1,12 +1,13 @@
 """End to end: SmolLM2-135M quantized by the course, by torchao and bitsandbytes, and run by llama.cpp, in one run.
 
     python benchmarks/bench_end_to_end.py [--batch 8] [--prompt-tokens 128] [--decode-steps 16]
-                                          [--repeats 5] [--threads N] [--no-memory] [--speedup graph|compile]
+                                          [--repeats 5] [--threads N] [--no-memory] [--speedup eager|graph|compile]
 
 Prefill: `--batch` sequences × `--prompt-tokens` tokens of human text read into the KV cache (logits
 of the last position, as `generate` does). Decode: then `--decode-steps` greedy tokens for each
 sequence. The course's models run through `course_lib.decoder` (fused q/k/v and gate/up, a static
-cache; CUDA graphs on a GPU, or compiled with --speedup compile). With llama-cpp-python installed
+cache; one C++ call a token on a CPU, CUDA graphs on a GPU; --speedup eager runs the steps op by op,
+--speedup compile compiles them). With llama-cpp-python installed
 (pip install -e ".[engines]") and --batch 1, llama.cpp runs the teacher's own Q4_1 GGUF and the
 Q8_0 and F32 files its quantizer makes from it. Every variant is built first; the repeats are
 interleaved (variant after variant, round after round), so a busy machine slows all of them alike;
@@ -224,8 +225,8 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8, help="sequences (llama.cpp runs at --batch 1)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--speedup", choices=["eager", "graph", "compile"], default=None,
-                        help="how decode steps run (default: CUDA graphs on a GPU, eager on a CPU)")
+    parser.add_argument("--speedup", choices=["fused", "eager", "graph", "compile"], default=None,
+                        help="how decode steps run (default: CUDA graphs on a GPU, the fused C++ step on a CPU)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     parser.add_argument("--variants", nargs="*", help="only these (the baseline always runs)")

@@ -7,7 +7,10 @@ traffic plus per-token Python. This loop keeps the second small:
   it, `decoder_layers`), so the activation is read — and for W8A8 quantized — once;
 - a static KV cache: every position has its slot from the start, nothing grows or is copied;
 - one function per step, no checks and no host synchronization in it (a GPU can run it as a graph);
-  at one token, attention is five small tensor operations rather than the general attention kernel.
+  at one token, attention is five small tensor operations rather than the general attention kernel;
+- on a CPU, that step runs in ONE call to the course's C++ loop over the layers
+  (`course_lib/kernels/fused_decode.cpp`, speedup="fused"): ~1,000 torch operations a token from
+  Python cost as much time as reading the weights.
 
 It runs the model's own layers (float nn.Linear, the course's Int8Linear / Int4Linear, LoRA-wrapped
 ones unfused), its embedding, norms' weights, rotary embedding and output layer. What it does not
@@ -149,20 +152,58 @@ def _layers(inner: nn.Module) -> list[dict]:
     return layers
 
 
-SPEEDUPS = ("eager", "graph", "compile")
+SPEEDUPS = ("fused", "eager", "graph", "compile")
+
+
+def _kernel_linear(module: nn.Module):
+    """`module` as the fused step's `course_kernels.Linear` (its own tensors, no copy), or None
+    when it is not a form the C++ loop knows (LoRA wrappers, LLM.int8(), torchao's tensors, ...)."""
+    from .int8_inference import Int4Linear, Int8Linear
+
+    Linear = torch.classes.course_kernels.Linear
+    if type(module) is nn.Linear and type(module.weight.data) is torch.Tensor and module.weight.dtype == torch.float32:
+        return Linear("float", module.weight.detach(), None, None if module.bias is None else module.bias.detach(), 0)
+    if isinstance(module, Int8Linear) and module.outlier_threshold is None:
+        return Linear(module.mode, module.weight, module.weight_scale, module.bias, 0)
+    if isinstance(module, Int4Linear):
+        return Linear("w4a16", module.packed, module.weight_scale, module.bias, module.group_size)
+    return None
+
+
+def _fused_step(decoder: "Decoder"):
+    """The C++ step over `decoder`'s layers and caches (`course_kernels.DecodeStep`), or None where
+    it does not apply: not a float32 model on a CPU, no compiled kernels, an activation other than
+    SiLU, or a layer the C++ loop does not know."""
+    from . import kernels
+
+    if decoder.device.type != "cpu" or decoder.dtype != torch.float32 or not kernels.available():
+        return None
+    head = _kernel_linear(decoder.lm_head)
+    linears = [[_kernel_linear(layer[name]) for name in ("qkv", "o", "gate_up", "down")] for layer in decoder.layers]
+    silu = getattr(_inner_model(decoder.model).config, "hidden_act", None) in ("silu", "swish")
+    if head is None or not silu or any(linear is None for row in linears for linear in row):
+        return None
+    step = torch.classes.course_kernels.DecodeStep(decoder.n_heads, decoder.n_kv, decoder.head_dim,
+                                                   decoder.norm.weight.detach(), decoder.norm.variance_epsilon, head)
+    for layer, (qkv, o, gate_up, down), k_cache, v_cache in zip(decoder.layers, linears, decoder.k_cache, decoder.v_cache):
+        step.add_layer(layer["norm1"].weight.detach(), layer["norm1"].variance_epsilon, qkv, o, layer["scaling"],
+                       k_cache, v_cache, layer["norm2"].weight.detach(), layer["norm2"].variance_epsilon, gate_up, down)
+    return step
 
 
 class Decoder:
     """Greedy-decoding engine for `batch_size` sequences of up to `max_length` tokens (prompt
     included) over `model`'s own modules. Prompts may be left-padded (pass their attention mask).
 
-    `speedup` for the step: "eager" runs it op by op; "graph" (CUDA) records it once as a CUDA graph
+    `speedup` for the step: "fused" (the default) runs it as one call of the course's C++ loop on a
+    CPU (float32 models whose layers are nn.Linear, Int8Linear or Int4Linear; otherwise, and on a
+    GPU, op by op); "eager" runs it op by op; "graph" (CUDA) records it once as a CUDA graph
     and replays it, so the CPU launches one graph per token instead of hundreds of kernels;
     "compile" first compiles it with torch.compile (fusing, e.g., INT8 -> bfloat16 conversion into
     the matrix-vector product), then records that as a graph on CUDA. Everything a step reads or
     writes lives in tensors allocated once, so a recorded graph stays valid."""
 
-    def __init__(self, model: nn.Module, batch_size: int, max_length: int, speedup: str = "eager"):
+    def __init__(self, model: nn.Module, batch_size: int, max_length: int, speedup: str = "fused"):
         ok, why = supports(model)
         if not ok:
             raise ValueError(f"Decoder cannot run this model: {why}")
@@ -189,7 +230,9 @@ class Decoder:
         self.valid = torch.zeros(self.batch_size, self.max_length, dtype=torch.bool, device=self.device)
         self.pad = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._step = torch.compile(self._step_eager, dynamic=False) if self.speedup == "compile" else self._step_eager
+        self._fused = _fused_step(self) if self.speedup == "fused" else None
+        self._step = torch.compile(self._step_eager, dynamic=False) if self.speedup == "compile" else \
+            self._step_fused if self._fused is not None else self._step_eager
         self._graph = None
 
     # ------------------------------------------------------------------ the public door: checks here
@@ -214,14 +257,14 @@ class Decoder:
         itself = slots[None, :, None] == self.slots[None, None, :]  # a padding position sees itself: no empty row
         attend = causal & self.valid[:, None, :] | itself
         logits = self._forward(input_ids, slots, (slots[None] - self.pad).clamp(min=0), attend[:, None])
-        if self.speedup != "eager" and self.device.type == "cuda" and self._graph is None:
+        if self.speedup in ("graph", "compile") and self.device.type == "cuda" and self._graph is None:
             self._record(logits.argmax(-1, keepdim=True))  # now, so that no timed step pays for it
         return logits
 
     @torch.no_grad()
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """One token per sequence [batch_size, 1] after `prefill`: the logits of the next [batch_size, vocab]."""
-        if self.speedup == "eager" or self.device.type != "cuda":
+        if self.speedup not in ("graph", "compile") or self.device.type != "cuda":
             return self._step(token)
         if self._graph is None:
             self._record(token)
@@ -233,6 +276,13 @@ class Decoder:
         slot = self.position
         attend = (self.slots <= slot)[None, None, None, :] & self.valid[:, None, None, :]
         logits = self._forward(token, slot, slot[None] - self.pad, attend)
+        self.position.add_(1)
+        return logits
+
+    def _step_fused(self, token: torch.Tensor) -> torch.Tensor:
+        x = self.embed(token)  # [B, 1, C]
+        cos, sin = self.rotary(x, self.position[None] - self.pad)  # [B, 1, D]
+        logits = self._fused.forward(x[:, 0], cos[:, 0], sin[:, 0], self.valid, int(self.position))
         self.position.add_(1)
         return logits
 

@@ -132,12 +132,12 @@ def _check_timing_args(input_ids, steps: int, repeats: int, warmup: int) -> None
 
 def _decoder(model, input_ids: torch.Tensor, steps: int, speedup: str | None = None):
     """The lean `course_lib.decoder.Decoder` when it can run `model`, else None (transformers' loop).
-    Its steps run as CUDA graphs on a GPU (for every model alike: a fair race), op by op on a CPU."""
+    Its steps run as CUDA graphs on a GPU, as one C++ call on a CPU (for every model alike: a fair race)."""
     from .decoder import Decoder, supports
 
     if not supports(model)[0]:
         return None
-    speedup = speedup or ("graph" if input_ids.device.type == "cuda" else "eager")
+    speedup = speedup or ("graph" if input_ids.device.type == "cuda" else "fused")
     return Decoder(model, input_ids.shape[0], input_ids.shape[1] + steps + 1, speedup)
 
 
@@ -164,7 +164,7 @@ def decode_timing(model, input_ids: torch.Tensor, steps: int = 16, repeats: int 
     """Seconds for `steps` greedy one-token steps after an untimed prefill of `input_ids`: the
     memory-bound phase, every weight read once per step. Median of `repeats`. Runs the lean
     `course_lib.decoder` loop where it applies (`speedup`: see `Decoder`; default CUDA graphs on a
-    GPU, eager on a CPU), transformers' cache loop otherwise."""
+    GPU, the fused C++ step on a CPU), transformers' cache loop otherwise."""
     _check_timing_args(input_ids, steps, repeats, warmup)
     sync = torch.cuda.synchronize if input_ids.device.type == "cuda" else (lambda: None)
     prefill, step = _greedy_steps(model, input_ids, steps, speedup)

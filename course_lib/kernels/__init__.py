@@ -1,13 +1,15 @@
-"""The course's own CPU kernels for quantized weights (chapter 02): compiled once, on first use.
+"""The course's own CPU kernels (chapter 02): compiled once, on first use.
 
 `quantized_matmul.cpp` (beside this file) holds three loops that read each quantized
 weight byte once — INT8 weights × float32 activations, INT8 × INT8 with int32 sums, and 4-bit
 weights × float32 activations — and, for prefill, INT8 weights converted block by block in the
-cache for torch's float32 GEMM. They are compiled for the machine at hand (g++ -O3 -march=native,
-about 40 s, once) into the course cache and registered as `torch.ops.course_kernels.*`.
+cache for torch's float32 GEMM; they are registered as `torch.ops.course_kernels.*`.
+`fused_decode.cpp` runs one decoded token through every layer of a Llama-family model in one call
+(`torch.classes.course_kernels.DecodeStep`, which `course_lib.decoder` builds). Both are compiled
+for the machine at hand (g++ -O3 -march=native, about a minute, once) into the course cache.
 
 `available()` says whether they are there; without a C++ compiler (or with COURSE_KERNELS=off) the
-INT8 layers use plain torch operations instead: the same numbers, more slowly.
+INT8 layers use plain torch operations and the decoder runs op by op instead: the same numbers, more slowly.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("quantized_matmul.cpp")
+SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))  # compiled together, with the header beside them
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 
 
 def _machine_key() -> str:
@@ -32,7 +35,7 @@ def _machine_key() -> str:
     flags = ""
     if Path("/proc/cpuinfo").is_file():
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    parts = [SOURCE.read_text(), torch.__version__, sys.version, platform.machine(), flags]
+    parts = [*(path.read_text() for path in SOURCES + HEADERS), torch.__version__, sys.version, platform.machine(), flags]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -43,7 +46,7 @@ def _compile(out: Path) -> None:
     command = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                *[f"-I{p}" for p in cpp_extension.include_paths()], f"-I{sysconfig.get_paths()['include']}",
-               str(SOURCE), "-o", str(out), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch",
+               *map(str, SOURCES), "-o", str(out), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch",
                f"-Wl,-rpath,{torch_lib}"]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -57,10 +60,10 @@ def available() -> bool:
         return False
     from ..runtime import cache_dir
 
-    folder = cache_dir() / "kernels" / f"quantized_matmul-{_machine_key()}"
+    folder = cache_dir() / "kernels" / f"course_kernels-{_machine_key()}"
     library = folder / "course_kernels.so"
     if not library.is_file():
-        print("[course_lib] compiling the course's INT8/INT4 CPU kernels (once for this machine, about 40 s)",
+        print("[course_lib] compiling the course's INT8/INT4 CPU kernels (once for this machine, about a minute)",
               file=sys.stderr, flush=True)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=folder.parent))
@@ -133,7 +136,7 @@ def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, i
     integer products are summed by the float32 GEMM instead — the same numbers while every partial
     sum stays below 2²⁴ in magnitude (127² · K would pass it only if all products were maximal),
     at FP32's speed instead of a far slower INT8 GEMM."""
-    if _fast(x) and x.shape[0] <= FEW_ROWS:
+    if _fast(x) and (int8_gemm or x.shape[0] <= FEW_ROWS):  # many rows: quantize, INT8 GEMM, dequantize in one call
         return torch.ops.course_kernels.int8_dynamic_matmul(x, q, scale)
     from ..quant import absmax_quantize_rows, int8_matmul
 
