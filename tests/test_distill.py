@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from course_lib import distill
 from course_lib.models import chat_prompts
-from course_lib.runtime import seeded
+from course_lib.runtime import profile, seeded
 
 
 def _logits(*shape, seed=0, scale=3.0):
@@ -324,8 +324,9 @@ def test_distilled_student_is_cached_and_reloaded(teacher, tmp_path, monkeypatch
     checkpoint = teacher_checkpoint_dir()
     monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
     (tmp_path / checkpoint.name).symlink_to(checkpoint)  # a fresh student cache, the same teacher (no conversion)
-    recipe = {**distill.capstone_recipe(), "n_layers": 1, "warm_start_steps": 1, "steps": 1, "train_examples": 2,
-              "batch_size": 2, "max_length": 48, "intermediate_size": 512}  # width-pruned, like the capstone's
+    recipe = {**distill.capstone_recipe(profile("ci").distill),  # the same test whatever COURSE_PROFILE says
+              "n_layers": 1, "warm_start_steps": 1, "steps": 1, "train_examples": 2, "batch_size": 2, "max_length": 64,
+              "intermediate_size": 512}  # width-pruned, like the capstone's
     first, info = distill.distilled_student(model, tok, recipe)
     assert info["built"] and info["recipe"] == recipe and info["metrics"]["tokens"] > 0
     assert first.config.intermediate_size == 512 and first.model.layers[0].mlp.up_proj.weight.shape == (512, 576)
@@ -368,7 +369,6 @@ def test_save_student_keeps_the_copy_another_process_saved_meanwhile(tmp_path, m
 
 def test_capstone_recipe_is_the_chapter_recipe_deeper_and_longer():
     from course_lib.evaluate import human_corpus
-    from course_lib.runtime import profile
 
     for name in ("ci", "laptop", "gpu"):
         b = profile(name).distill
