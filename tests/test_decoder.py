@@ -143,10 +143,13 @@ def test_timing_from_times():
         Timing.from_times([])
 
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason="the course's CPU kernels could not be compiled here")
+@pytest.fixture
+def compiled_kernels():
+    if not kernels.available():  # compiled on first use (once per machine), not when tests are collected
+        pytest.skip("the course's CPU kernels could not be compiled here")
 
 
-@needs_kernels
+@pytest.mark.usefixtures("compiled_kernels")
 @pytest.mark.parametrize("mode", [None, "w8a16", "w8a8", "w8a8 per tensor", "w4a16", "w8a8 with its output layer"])
 def test_the_fused_step_computes_what_the_op_by_op_step_does(mode):
     """One C++ call per token (fused_decode.cpp) against the Python step it replaces: the same
@@ -167,7 +170,7 @@ def test_the_fused_step_computes_what_the_op_by_op_step_does(mode):
     assert torch.equal(fused.greedy(ids, 8, mask), eager.greedy(ids, 8, mask))
 
 
-@needs_kernels
+@pytest.mark.usefixtures("compiled_kernels")
 def test_the_fused_step_leaves_what_it_does_not_know_to_the_op_by_op_step():
     from peft import LoraConfig, get_peft_model
 
