@@ -91,7 +91,7 @@ _BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
                          "exercise_questions": 8, "exercise_k": 8,
                          "max_operand": 19, "temperature": 0.7, "threshold": 0.5, "max_new_tokens": 16, "gen_batch_size": 256,
                          "lora_r": 8, "lora_top_layers": 10, "lr": 5e-4},
-        "capstone": {"eval_texts": 60, "max_length": 512, "heldout_examples": 40, "questions": 100,
+        "capstone": {"eval_texts": 60, "max_length": 512, "heldout_examples": 40, "questions": 60,
                      "speed_batch": 8, "speed_tokens": 128, "decode_steps": 32, "repeats": 5, "tolerance": 0.5},
         "evaluate": {"eval_texts": 200, "max_length": 512, "batch_size": 32},
         "chat": {"max_new_tokens": 128, "batch_prompts": 8, "speed_new_tokens": 32},

@@ -21,8 +21,8 @@ def _tiny_llama(seed=0):
     return LlamaForCausalLM(config).eval()
 
 
-def _prompts():
-    ids = torch.randint(1, 96, (3, 10), generator=torch.Generator().manual_seed(1))
+def _prompts(batch=3):
+    ids = torch.randint(1, 96, (batch, 10), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # left padding, as generate pads
     mask[2, :1] = 0
@@ -151,15 +151,16 @@ def compiled_kernels():
 
 @pytest.mark.usefixtures("compiled_kernels")
 @pytest.mark.parametrize("mode", [None, "w8a16", "w8a8", "w8a8 per tensor", "w4a16", "w8a8 with its output layer"])
-def test_the_fused_step_computes_what_the_op_by_op_step_does(mode):
+@pytest.mark.parametrize("batch", [3, 5])  # 5: the float layers' few-rows loop (4 to 8 rows), one row past a block
+def test_the_fused_step_computes_what_the_op_by_op_step_does(mode, batch):
     """One C++ call per token (fused_decode.cpp) against the Python step it replaces: the same
     logits to float rounding, the same greedy tokens, with left padding and grouped-query attention."""
     model = _tiny_llama()
     if mode:
         quantize_model(model, mode.split()[0], granularity="tensor" if "tensor" in mode else None,
                        include_lm_head="output" in mode)
-    ids, mask = _prompts()
-    fused, eager = Decoder(model, 3, 20), Decoder(model, 3, 20, speedup="eager")
+    ids, mask = _prompts(batch)
+    fused, eager = Decoder(model, batch, 20), Decoder(model, batch, 20, speedup="eager")
     assert fused._fused is not None and eager._fused is None
     token = eager.prefill(ids, mask).argmax(-1, keepdim=True)
     fused.prefill(ids, mask)

@@ -84,8 +84,19 @@ def test_w8a16_and_w4a16_match_the_dequantized_reference(matmul_path, rows, k, n
         assert torch.allclose(int4(x), ref4, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 4, 7, 16])
+@pytest.mark.parametrize("k", [64, 100])  # 100: a last step of 4 floats (a masked load)
+def test_the_few_rows_float_loop_is_the_float_matmul(rows, k):
+    if not kernels.available():
+        pytest.skip("the course's CPU kernels could not be compiled here")
+    x, w = torch.randn(rows, k), torch.randn(50, k)  # 50 weight rows: not a multiple of 4
+    assert torch.allclose(torch.ops.course_kernels.float_few_rows_matmul(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="at most 16 rows"):
+        torch.ops.course_kernels.float_few_rows_matmul(torch.randn(17, k), w)
+
+
 @pytest.mark.parametrize("group_size", [2, 24, 32, 192])  # bytes a group: 1, 12, 16, 6 x 16 (AVX-512: whole 16s)
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 5, 8])
 def test_w4a16_matches_the_dequantized_reference_for_any_group_size(matmul_path, group_size, rows):
     linear = _linear(k=576, n=42)
     x = torch.randn(rows, 576)

@@ -5,8 +5,8 @@
 // Python, the same step is ~35 torch operations a layer (~1,000 a token for the teacher), and their
 // overhead costs as much time as reading the weights. Here the step is one loop over the layers, as
 // llama.cpp runs its graph: the matrix products are the course's kernels (quantized_matmul.cpp) or
-// torch's float32 GEMM, and the small operations between them are plain loops over a few hundred
-// floats:
+// torch's float32 GEMM (the course's loop for 4 to 8 rows), and the small operations between them
+// are plain loops over a few hundred floats:
 //
 //   h = RMSNorm(x) · w₁;   q | k | v = h · W_qkvᵀ;   q, k rotated;   k, v → cache[slot]
 //   x += softmax(q · Kᵀ · scale, over the slots ≤ slot that hold real tokens) · V · W_oᵀ
@@ -28,9 +28,9 @@
 
 namespace {
 
-// A linear layer in one of the course's forms: float32 weights [N, K] (torch's GEMM), INT8
-// weight-only ("w8a16"), W8A8 ("w8a8"), or 4-bit weights ("w4a16", packed [N, K/2]); float32 scales;
-// an optional float32 bias. Holds the module's own tensors, no copies.
+// A linear layer in one of the course's forms: float32 weights [N, K], INT8 weight-only ("w8a16"),
+// W8A8 ("w8a8"), or 4-bit weights ("w4a16", packed [N, K/2]); float32 scales; an optional float32
+// bias. Holds the module's own tensors, no copies.
 struct Linear : torch::CustomClassHolder {
   enum Kind { kFloat, kW8A16, kW8A8, kW4A16 } kind;
   at::Tensor weight, scale, bias;
@@ -68,7 +68,10 @@ struct Linear : torch::CustomClassHolder {
   at::Tensor operator()(const at::Tensor& x) const {
     at::Tensor y;
     switch (kind) {
-      case kFloat: return at::linear(x, weight, bias);
+      case kFloat:  // 4 to 8 rows: the course's loop (float_few_rows_matmul); else torch's GEMM
+        if (x.size(0) < 4 || x.size(0) > 8) return at::linear(x, weight, bias);
+        y = course_kernels::float_few_rows_matmul(x, weight);
+        break;
       case kW8A16: y = course_kernels::int8_weight_matmul(x, weight, scale); break;
       case kW8A8: y = course_kernels::int8_dynamic_matmul(x, weight, scale); break;
       case kW4A16: y = course_kernels::int4_weight_matmul(x, weight, scale, group_size); break;

@@ -5,6 +5,8 @@
 
 namespace course_kernels {
 
+// FP32 for at most 16 rows of x: each weight row read once, 4 × 4 register blocks.
+at::Tensor float_few_rows_matmul(const at::Tensor& x, const at::Tensor& w);
 // W8A16: INT8 weights q [N, K], one float32 scale per row (or one for all), float32 arithmetic.
 at::Tensor int8_weight_matmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale);
 // W8A8: x's rows absmax-quantized to INT8 on the fly, exact int32 sums, dequantized by s_x ⊗ s_w.
