@@ -8,8 +8,10 @@ decode on it, as `course_lib.evaluate` times the course's models.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,10 +36,28 @@ def _require() -> None:
         raise ModuleNotFoundError(INSTALL_HINT)
 
 
+@contextlib.contextmanager
+def _c_output_to(path: Path):
+    """What C code writes to stdout and stderr (llama.cpp's quantizer: ~800 lines a file) goes to
+    `path` instead of the notebook."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(path, "wb") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            yield
+    finally:
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
 def llama_cpp_gguf(kind: str = "Q4_1") -> Path:
     """The teacher as a GGUF file of `kind`: "Q4_1" is the shipped file; "Q8_0", "F16" and "F32" are
     made from it once by `llama_cpp.llama_model_quantize` (Q4_1's weights re-encoded: F32 holds them
-    exactly) and cached in the course cache's llama_cpp-gguf/ folder."""
+    exactly) and cached in the course cache's llama_cpp-gguf/ folder, with the quantizer's log beside it."""
     import ctypes
 
     if kind not in FILE_TYPES:
@@ -59,8 +79,11 @@ def llama_cpp_gguf(kind: str = "Q4_1") -> Path:
         params.ftype = FILE_TYPES[kind]
         params.allow_requantize = True
         params.nthread = os.cpu_count() or 1
-        if llama_cpp.llama_model_quantize(str(source).encode(), part.encode(), ctypes.byref(params)) != 0:
-            raise RuntimeError(f"llama.cpp could not make a {kind} file from {source}")
+        log = target.with_suffix(".log")
+        with _c_output_to(log):
+            failed = llama_cpp.llama_model_quantize(str(source).encode(), part.encode(), ctypes.byref(params))
+        if failed:
+            raise RuntimeError(f"llama.cpp could not make a {kind} file from {source}; its log: {log}")
         os.replace(part, target)  # atomic: the cache holds a whole file or none
     finally:
         if os.path.exists(part):

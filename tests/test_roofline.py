@@ -1,4 +1,5 @@
 """course_lib.roofline, course_lib.crossover, course_lib.engines and benchmarks/gpu_check.py on a CPU."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,17 @@ def test_llama_cpp_is_optional():
     assert "pip install" in INSTALL_HINT
     with pytest.raises(ValueError, match="kind"):
         llama_cpp_gguf("Q2_K")
+
+
+def test_the_quantizers_c_output_goes_to_its_log_not_the_notebook(tmp_path, capfd):
+    from course_lib.engines import _c_output_to
+
+    with _c_output_to(tmp_path / "q.log"):
+        os.write(1, b"llama_model_loader: to stdout\n")
+        os.write(2, b"converting to f32 .. to stderr\n")
+    os.write(1, b"after\n")
+    assert capfd.readouterr().out == "after\n"
+    assert (tmp_path / "q.log").read_bytes() == b"llama_model_loader: to stdout\nconverting to f32 .. to stderr\n"
 
 
 @pytest.mark.slow
