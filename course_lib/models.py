@@ -227,12 +227,15 @@ def make_student(teacher: nn.Module, n_layers: int, layers: Sequence[int] | None
     `calibration` (Minitron's width pruning, `pruning.prune_mlp_width`). Chapters 03-04 distill into it.
     """
     # pruning builds on this module, so it is imported here
-    from .pruning import calibration_batches, measured_layers, mlp_channel_importance, prune_mlp_width
+    from .pruning import (calibration_batches, check_width, measured_layers, mlp_channel_importance,
+                          prune_mlp_width)
 
     config = teacher.config.__class__.from_dict(teacher.config.to_dict())
     n_teacher = config.num_hidden_layers
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= n_teacher:
         raise ValueError(f"n_layers must be an int between 1 and the teacher's {n_teacher}, got {n_layers!r}")
+    if intermediate_size is not None:  # before any calibration pass or copy
+        check_width(intermediate_size, config.intermediate_size)
     if calibration is None and (layers is None or intermediate_size is not None):
         calibration = calibration_batches()
     if layers is None:

@@ -107,6 +107,14 @@ def measured_layers(model, n_layers: int, batches: Sequence[dict] | None = None)
     return most_influential(block_influence(model, batches or calibration_batches()), n_layers)
 
 
+def check_width(intermediate_size, full: int) -> None:
+    """A ValueError unless `intermediate_size` is an int in 1..`full` (the model's MLP channels)."""
+    if isinstance(intermediate_size, bool) or not isinstance(intermediate_size, int) or \
+            not 1 <= intermediate_size <= full:
+        raise ValueError(f"intermediate_size must be an int between 1 and the model's {full}, "
+                         f"got {intermediate_size!r}")
+
+
 @torch.no_grad()
 def prune_mlp_width(model, importance: torch.Tensor, intermediate_size: int):
     """Keep, in every decoder layer, the `intermediate_size` MLP channels of highest `importance`
@@ -117,10 +125,7 @@ def prune_mlp_width(model, importance: torch.Tensor, intermediate_size: int):
     if tuple(importance.shape) != (len(layers), full):
         raise ValueError(f"importance must have shape ({len(layers)}, {full}) (layers, MLP channels), "
                          f"got {tuple(importance.shape)}")
-    if isinstance(intermediate_size, bool) or not isinstance(intermediate_size, int) or \
-            not 1 <= intermediate_size <= full:
-        raise ValueError(f"intermediate_size must be an int between 1 and the model's {full}, "
-                         f"got {intermediate_size!r}")
+    check_width(intermediate_size, full)
     for layer, scores in zip(layers, importance):
         keep = scores.topk(intermediate_size).indices.sort().values.to(layer.mlp.up_proj.weight.device)
         for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):

@@ -146,3 +146,14 @@ def test_pruning_more_changes_the_output_and_bad_widths_are_refused():
             pruning.prune_mlp_width(tiny_llama(layers=2), importance, width)
     with pytest.raises(ValueError, match=r"importance must have shape \(2, 64\)"):
         pruning.prune_mlp_width(tiny_llama(layers=2), importance[:1], 16)
+
+
+def test_make_student_refuses_a_bad_width_before_any_work(monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("a calibration pass ran before the width was checked")
+
+    monkeypatch.setattr(pruning, "calibration_batches", never)
+    monkeypatch.setattr(pruning, "mlp_channel_importance", never)
+    for width in (0, 65, 8.0):
+        with pytest.raises(ValueError, match="intermediate_size must be an int between 1 and the model's 64"):
+            models.make_student(tiny_llama(layers=2), 1, intermediate_size=width)
