@@ -355,14 +355,15 @@ at::Tensor int8_dynamic_matmul(const at::Tensor& x_in, const at::Tensor& q, cons
   return y;
 }
 
-// W4A16 at decode. Byte j of a row holds weights 2j (low nibble) and 2j + 1 (high nibble), so x is
-// split once into its even and odd elements: byte j then meets x_even[j] and x_odd[j].
+// W4A16 at decode. Byte j of a row holds weights 2j (low nibble) and 2j + 1 (high nibble), so each
+// row of x is reordered once into its even elements, then its odd ones (xr [M, K] = [even | odd]):
+// byte j then meets even[j] and odd[j].
 #if defined(__AVX512F__)
 // With AVX-512, a group's 16 possible weights (nibble − 8) · scale sit in one register and each
 // nibble picks its weight from it (permutexvar): 32 weights a step, no conversion to float at all.
 // For groups of whole 16-byte chunks (group_size a multiple of 32, as the course's 32 and 192).
-void int4_rows_avx512(const uint8_t* packed, const float* scales, const float* ep, const float* op,
-                      int64_t M, int64_t H, int64_t N, int64_t G, int64_t half, float* y) {
+void int4_rows_avx512(const uint8_t* packed, const float* scales, const float* xr, int64_t M, int64_t H,
+                      int64_t N, int64_t G, int64_t half, float* y) {
   const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   const __m512i low = _mm512_set1_epi32(15);
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
@@ -370,7 +371,7 @@ void int4_rows_avx512(const uint8_t* packed, const float* scales, const float* e
       const uint8_t* bytes = packed + n * H;
       for (int64_t j = 0; j < H; j += 64) __builtin_prefetch(bytes + 4 * H + j);  // four rows ahead
       for (int64_t m = 0; m < M; ++m) {
-        const float *xe = ep + m * H, *xo = op + m * H;
+        const float *xe = xr + m * 2 * H, *xo = xe + H;
         __m512 acc = _mm512_setzero_ps();
         for (int64_t g = 0; g < G; ++g) {
           const __m512 weights = _mm512_mul_ps(centred, _mm512_set1_ps(scales[n * G + g]));
@@ -390,7 +391,7 @@ void int4_rows_avx512(const uint8_t* packed, const float* scales, const float* e
 // Otherwise (and with 4 rows of x or more, where the lookup per row of x above would be repeated)
 // each block of four weight rows is unpacked once into a small float buffer (nibble − 8) · scale,
 // contiguous loops only, and every row of x is multiplied with it from the cache: with AVX-512,
-// four rows of x at a time by dot_4x4 on x's elements reordered the same way (even ones, then odd).
+// four rows of x at a time by dot_4x4 on xr, whose rows are ordered as the buffer's (even, then odd).
 at::Tensor int4_weight_matmul(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& s_in,
                               int64_t group_size) {
   auto x = x_in.contiguous(), packed = packed_in.contiguous(), s = s_in.contiguous();
@@ -399,18 +400,16 @@ at::Tensor int4_weight_matmul(const at::Tensor& x_in, const at::Tensor& packed_i
   TORCH_CHECK(group_size % 2 == 0 && K % group_size == 0 && s.scalar_type() == at::kFloat && s.numel() == N * G,
               "course_kernels: float32 scales [N, K / group_size] for an even group_size that divides K");
   const int64_t half = group_size / 2;  // bytes per group
-  auto pairs = x.view({M, H, 2});
-  auto x_even = pairs.select(2, 0).contiguous(), x_odd = pairs.select(2, 1).contiguous();
+  const auto reordered = x.view({M, H, 2}).transpose(1, 2).contiguous();  // [M, 2, H]: even, then odd
   auto y = at::empty({M, N}, x.options());
-  const float *ep = x_even.data_ptr<float>(), *op = x_odd.data_ptr<float>(), *sp = s.data_ptr<float>();
+  const float *xr = reordered.data_ptr<float>(), *sp = s.data_ptr<float>();
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
 #if defined(__AVX512F__)
   if (half % 16 == 0 && M < 4) {
-    int4_rows_avx512(pp, sp, ep, op, M, H, N, G, half, yp);
+    int4_rows_avx512(pp, sp, xr, M, H, N, G, half, yp);
     return y;
   }
-  const auto reordered = M >= 4 ? at::cat({x_even, x_odd}, 1) : at::Tensor();  // [M, K]: even, then odd
   const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   const __m512i low = _mm512_set1_epi32(15);
 #endif
@@ -444,12 +443,11 @@ at::Tensor int4_weight_matmul(const at::Tensor& x_in, const at::Tensor& packed_i
       }
       int64_t m = 0;
 #if defined(__AVX512F__)
-      if (reordered.defined() && rows == kRows)
-        for (; m + 4 <= M; m += 4)
-          dot_4x4(reordered.data_ptr<float>() + m * K, unpacked.data(), K, yp + m * N + n0, N, nullptr);
+      if (rows == kRows)
+        for (; m + 4 <= M; m += 4) dot_4x4(xr + m * K, unpacked.data(), K, yp + m * N + n0, N, nullptr);
 #endif
       for (; m < M; ++m) {
-        const float *xe = ep + m * H, *xo = op + m * H;
+        const float *xe = xr + m * K, *xo = xe + H;
         for (int64_t r = 0; r < rows; ++r) {
           const float *even = unpacked.data() + r * K, *odd = even + H;
           float acc = 0;
