@@ -142,8 +142,11 @@ class Int8Linear(_Float32Scales):
     def _llm_int8(self, rows: torch.Tensor) -> torch.Tensor:
         """LLM.int8(): INT8 for the ordinary columns, float32 for the outlier columns."""
         x_q, x_absmax, columns = int8_vectorwise_quant(rows, self.outlier_threshold)
-        y = int8_matmul(x_q, self.weight.t()).float()
-        y.mul_((x_absmax / 127)[:, None]).mul_(self.weight_scale.view(1, -1))
+        if self.int8_gemm or rows.device.type != "cpu":
+            y = int8_matmul(x_q, self.weight.t()).float()
+            y.mul_((x_absmax / 127)[:, None]).mul_(self.weight_scale.view(1, -1))
+        else:  # no INT8 dot products: the same integer products summed by the float32 GEMM (int8_dynamic_linear)
+            y = int8_weight_linear(x_q.float(), self.weight, self.weight_scale).mul_((x_absmax / 127)[:, None])
         if columns.numel():
             w_outliers = self.weight[:, columns].float() * self.weight_scale.view(-1, 1)
             y.addmm_(rows[:, columns].float(), w_outliers.t())

@@ -106,15 +106,20 @@ def test_w4a16_matches_the_dequantized_reference_for_any_group_size(matmul_path,
         assert torch.allclose(int4(x), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_w8a8_prefill_without_int8_dot_products_never_calls_the_int8_gemm(monkeypatch):
-    layer = Int8Linear.from_float(_linear(), "w8a8")
+@pytest.mark.parametrize("outlier_threshold", [None, 2.0])  # 2.0: LLM.int8(), with outlier columns in this x
+def test_w8a8_prefill_without_int8_dot_products_never_calls_the_int8_gemm(monkeypatch, outlier_threshold):
+    layer = Int8Linear.from_float(_linear(), "w8a8", outlier_threshold=outlier_threshold)
     assert layer.int8_gemm == kernels.cpu_has_int8_dot_products()  # decided when the layer is built
     fused = Int8Linear.concat([layer, layer])
     assert fused.int8_gemm == layer.int8_gemm
+    x = torch.randn(40, 64)
+    layer.int8_gemm = True
+    with torch.no_grad():
+        expected = layer(x)
     layer.int8_gemm = False
     monkeypatch.setattr(torch, "_int_mm", lambda a, b: pytest.fail("no INT8 GEMM on this CPU"))
-    with torch.no_grad():
-        layer(torch.randn(40, 64))
+    with torch.no_grad():  # the same integer products, summed by the float32 GEMM: the same outputs
+        torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_w8a16_does_not_use_int_mm(monkeypatch):

@@ -5,7 +5,7 @@
 // Python, the same step is ~35 torch operations a layer (~1,000 a token for the teacher), and their
 // overhead costs as much time as reading the weights. Here the step is one loop over the layers, as
 // llama.cpp runs its graph: the matrix products are the course's kernels (quantized_matmul.cpp) or
-// torch's float32 GEMM (the course's loop for 4 to 8 rows), and the small operations between them
+// torch's float32 GEMM (the course's loop for up to 8 rows), and the small operations between them
 // are plain loops over a few hundred floats:
 //
 //   h = RMSNorm(x) · w₁;   q | k | v = h · W_qkvᵀ;   q, k rotated;   k, v → cache[slot]
@@ -68,8 +68,8 @@ struct Linear : torch::CustomClassHolder {
   at::Tensor operator()(const at::Tensor& x) const {
     at::Tensor y;
     switch (kind) {
-      case kFloat:  // 4 to 8 rows: the course's loop (float_few_rows_matmul); else torch's GEMM
-        if (x.size(0) < 4 || x.size(0) > 8) return at::linear(x, weight, bias);
+      case kFloat:  // up to 8 rows: the course's loop (float_few_rows_matmul); more, torch's GEMM
+        if (x.size(0) > 8) return at::linear(x, weight, bias);
         y = course_kernels::float_few_rows_matmul(x, weight);
         break;
       case kW8A16: y = course_kernels::int8_weight_matmul(x, weight, scale); break;

@@ -4,8 +4,8 @@
 // the weights from memory, so a layer runs at the speed of its weight bytes only if the kernel reads
 // each byte once and converts it on the fly. These loops do that; the compiler turns each inner
 // loop into vector instructions for the machine it is built on (-march=native, `omp simd`), and the
-// two hottest (W8A8 and 4-bit at decode) are written with x86 vector instructions where the CPU has
-// them. Four output rows at a time: four independent sums keep the vector units busy.
+// hottest (W8A8 and 4-bit at decode, and W8A16's one-row loop with AVX2 alone) are written with x86
+// vector instructions where the CPU has them. Four output rows at a time: four independent sums keep the vector units busy.
 //
 //   int8_weight_matmul   y[m, n] = s[n] · Σ_k x[m, k] · q[n, k]          (float32 x, INT8 q; many rows
 //                        of x: blocks of q converted in cache, then torch's float32 GEMM)
@@ -50,6 +50,14 @@ at::Tensor row_scales(const at::Tensor& s, int64_t N) {
   return s.numel() == N ? s.contiguous() : s.reshape({1}).expand({N}).contiguous();
 }
 
+#if defined(__AVX2__)
+inline float lanes_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 #if defined(__AVX512F__)
 // Four rows of x against four float weight rows (FP32's own, or W8A16's converted): sixteen sums
 // kept in registers, each weight load used by four rows of x and each x load by four weight rows.
@@ -72,6 +80,28 @@ inline void dot_4x4(const float* x, const float* w, int64_t K, float* y, int64_t
   }
   for (int i = 0; i < 4; ++i)
     for (int r = 0; r < 4; ++r) y[i * N + r] = _mm512_reduce_add_ps(acc[i][r]);
+}
+#endif
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// W8A16 with one row of x: each step widens 8 INT8 weights of each of the four rows to float32
+// (movsx, then cvt) for one multiply-add; the compiler's own loop for this ran at 12 GB/s here.
+inline void int8_float_dot_4(const float* x, const int8_t* q, int64_t K, float* out) {
+  __m256 acc[4];
+  for (auto& a : acc) a = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + k);
+    for (int r = 0; r < 4; ++r) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + r * K + k));
+      acc[r] = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), acc[r]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    float sum = lanes_sum(acc[r]);
+    for (int64_t t = k; t < K; ++t) sum += x[t] * float(q[r * K + t]);
+    out[r] = sum;
+  }
 }
 #endif
 
@@ -129,6 +159,12 @@ void rows_times(const X* x, const W* q, int64_t M, int64_t K, int64_t N, Acc* y)
         } else {  // one row of x: the weights stream from memory; ask for the rows two blocks ahead
           for (int64_t k = 0; k < kRows * K * int64_t(sizeof(W)); k += 64)
             __builtin_prefetch(reinterpret_cast<const char*>(q + (n + 2 * kRows) * K) + k);
+#if defined(__AVX2__) && !defined(__AVX512F__)
+          if constexpr (std::is_same_v<X, float> && std::is_same_v<W, int8_t> && std::is_same_v<Acc, float>) {
+            int8_float_dot_4(xm, q + n * K, K, y + m * N + n);
+            continue;
+          }
+#endif
           const W *q0 = q + n * K, *q1 = q0 + K, *q2 = q1 + K, *q3 = q2 + K;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
           for (int64_t k = 0; k < K; ++k) {
@@ -172,7 +208,7 @@ inline int32_t lanes_sum(__m256i v) {
 
 // R weight rows against one row of a: R accumulators that the compiler keeps in registers.
 template <int R>
-inline void int8_dot_rows(const int8_t* am, const int8_t* q, int64_t K, int32_t* out) {
+inline void int8_dot_rows(const int8_t* am, const int8_t* q, int64_t K, int32_t* out, bool prefetch) {
   int64_t k0 = 0;
   int32_t wide[R] = {};
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -202,6 +238,8 @@ inline void int8_dot_rows(const int8_t* am, const int8_t* q, int64_t K, int32_t*
   for (int64_t k = k0; k < K32; k += 32) {
     const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(am + k));
     const __m256i a_abs = _mm256_abs_epi8(av);
+    if (prefetch && k % 64 == 0)  // as above, for the first row of x (the others find the rows in cache)
+      for (int r = 0; r < R; ++r) __builtin_prefetch(q + (2 * R + r) * K + k);
     for (int r = 0; r < R; ++r) acc[r] = dot_step(acc[r], a_abs, av, q + r * K + k);
   }
   for (int r = 0; r < R; ++r) {
@@ -216,9 +254,9 @@ void int8_rows_simd(const int8_t* a, const int8_t* q, int64_t M, int64_t K, int6
     for (int64_t n0 = begin * kRows; n0 < std::min(end * kRows, N); n0 += kRows) {
       for (int64_t m = 0; m < M; ++m) {
         if (n0 + kRows <= N) {
-          int8_dot_rows<kRows>(a + m * K, q + n0 * K, K, y + m * N + n0);
+          int8_dot_rows<kRows>(a + m * K, q + n0 * K, K, y + m * N + n0, m == 0);
         } else {  // the last rows, one at a time
-          for (int64_t r = n0; r < N; ++r) int8_dot_rows<1>(a + m * K, q + r * K, K, y + m * N + r);
+          for (int64_t r = n0; r < N; ++r) int8_dot_rows<1>(a + m * K, q + r * K, K, y + m * N + r, false);
         }
       }
     }
@@ -271,10 +309,10 @@ at::Tensor int8_weight_matmul(const at::Tensor& x_in, const at::Tensor& q_in, co
   return y;
 }
 
-// FP32 with 4 to 8 rows of x (batched decode): from 4 rows on, torch's GEMM (MKL here) streams the
-// output layer's 49,152 × 576 weights at a fraction of the memory's pace (measured at 8 rows: 6 GB/s,
-// against 21 GB/s at 1 row); the 4 × 4 register blocks on the weight rows as they are, with the next
-// rows prefetched, stream them at 17 GB/s (FP32 batch-8 decode of the teacher 1.9x faster).
+// FP32 with 1 to 8 rows of x (decode): from 4 rows on, torch's GEMM (MKL) streams the output layer's
+// 49,152 × 576 weights at a fraction of the memory's pace (on an AVX-512 Xeon, 6 GB/s at 8 rows against
+// 21 GB/s at 1 row; on an AVX2 EPYC, 5 and 13 GB/s); this loop, with the next rows prefetched, streams
+// them at 17 (Xeon, 4 × 4 register blocks) and 12 GB/s (EPYC) at 8 rows, 22-25 GB/s at 1 row (EPYC).
 at::Tensor float_few_rows_matmul(const at::Tensor& x_in, const at::Tensor& w_in) {
   auto x = x_in.contiguous(), w = w_in.contiguous();
   check(x, w, at::kFloat, at::kFloat, w.size(1));
@@ -358,6 +396,19 @@ at::Tensor int8_dynamic_matmul(const at::Tensor& x_in, const at::Tensor& q, cons
 // W4A16 at decode. Byte j of a row holds weights 2j (low nibble) and 2j + 1 (high nibble), so each
 // row of x is reordered once into its even elements, then its odd ones (xr [M, K] = [even | odd]):
 // byte j then meets even[j] and odd[j].
+// Each weight row n (the rows four ahead prefetched) against each row m of xr:
+// y[m, n] = dot(row n's bytes, n, even elements of x_m, odd elements of x_m).
+template <typename Dot>
+void int4_rows(const uint8_t* packed, const float* xr, int64_t M, int64_t H, int64_t N, float* y, Dot dot) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* bytes = packed + n * H;
+      for (int64_t j = 0; j < H; j += 64) __builtin_prefetch(bytes + 4 * H + j);
+      for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot(bytes, n, xr + m * 2 * H, xr + m * 2 * H + H);
+    }
+  });
+}
+
 #if defined(__AVX512F__)
 // With AVX-512, a group's 16 possible weights (nibble − 8) · scale sit in one register and each
 // nibble picks its weight from it (permutexvar): 32 weights a step, no conversion to float at all.
@@ -366,24 +417,41 @@ void int4_rows_avx512(const uint8_t* packed, const float* scales, const float* x
                       int64_t N, int64_t G, int64_t half, float* y) {
   const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   const __m512i low = _mm512_set1_epi32(15);
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* bytes = packed + n * H;
-      for (int64_t j = 0; j < H; j += 64) __builtin_prefetch(bytes + 4 * H + j);  // four rows ahead
-      for (int64_t m = 0; m < M; ++m) {
-        const float *xe = xr + m * 2 * H, *xo = xe + H;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t g = 0; g < G; ++g) {
-          const __m512 weights = _mm512_mul_ps(centred, _mm512_set1_ps(scales[n * G + g]));
-          for (int64_t j = g * half; j < (g + 1) * half; j += 16) {
-            const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + j)));
-            acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_and_si512(b, low), weights), _mm512_loadu_ps(xe + j), acc);
-            acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), weights), _mm512_loadu_ps(xo + j), acc);
-          }
-        }
-        y[m * N + n] = _mm512_reduce_add_ps(acc);
+  int4_rows(packed, xr, M, H, N, y, [&](const uint8_t* bytes, int64_t n, const float* xe, const float* xo) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 weights = _mm512_mul_ps(centred, _mm512_set1_ps(scales[n * G + g]));
+      for (int64_t j = g * half; j < (g + 1) * half; j += 16) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + j)));
+        acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_and_si512(b, low), weights), _mm512_loadu_ps(xe + j), acc);
+        acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), weights), _mm512_loadu_ps(xo + j), acc);
       }
     }
+    return _mm512_reduce_add_ps(acc);
+  });
+}
+#elif defined(__AVX2__)
+// With AVX2 (no lookup across 16 lanes): 8 bytes a step widened to 32-bit lanes, their low and high
+// nibbles masked out, 8 subtracted (exact, in integers), converted to float and multiplied with x's
+// even and odd elements; a sum per group, times its scale. Groups of whole 8-byte chunks
+// (group_size a multiple of 16); two group sums alternate so that neither waits on the other.
+void int4_rows_avx2(const uint8_t* packed, const float* scales, const float* xr, int64_t M, int64_t H,
+                    int64_t N, int64_t G, int64_t half, float* y) {
+  const __m256i low = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+  int4_rows(packed, xr, M, H, N, y, [&](const uint8_t* bytes, int64_t n, const float* xe, const float* xo) {
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+      for (int64_t j = g * half; j < (g + 1) * half; j += 8) {
+        const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + j)));
+        const __m256i lo = _mm256_sub_epi32(_mm256_and_si256(b, low), eight);
+        const __m256i hi = _mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight);
+        even = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_loadu_ps(xe + j), even);
+        odd = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_loadu_ps(xo + j), odd);
+      }
+      acc[g & 1] = _mm256_fmadd_ps(_mm256_add_ps(even, odd), _mm256_set1_ps(scales[n * G + g]), acc[g & 1]);
+    }
+    return lanes_sum(_mm256_add_ps(acc[0], acc[1]));
   });
 }
 #endif
@@ -412,6 +480,11 @@ at::Tensor int4_weight_matmul(const at::Tensor& x_in, const at::Tensor& packed_i
   }
   const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   const __m512i low = _mm512_set1_epi32(15);
+#elif defined(__AVX2__)
+  if (half % 8 == 0 && M < 4) {
+    int4_rows_avx2(pp, sp, xr, M, H, N, G, half, yp);
+    return y;
+  }
 #endif
   at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> unpacked(kRows * K);  // per row: its even weights [H], then its odd ones [H]
