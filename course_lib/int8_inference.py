@@ -22,9 +22,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .kernels import cpu_has_int8_dot_products, int4_weight_linear, int8_dynamic_linear, int8_weight_linear
+from .kernels import (cpu_has_int8_dot_products, dequantized_int8_product, int4_weight_linear, int8_dynamic_linear,
+                      int8_weight_linear)
 from .models import weight_bytes
-from .quant import absmax_quantize, int8_matmul, int8_vectorwise_quant
+from .quant import absmax_quantize, int8_vectorwise_quant
 
 MODES = ("w8a16", "w8a8", "w4a16")
 GRANULARITIES = ("channel", "tensor")
@@ -142,11 +143,7 @@ class Int8Linear(_Float32Scales):
     def _llm_int8(self, rows: torch.Tensor) -> torch.Tensor:
         """LLM.int8(): INT8 for the ordinary columns, float32 for the outlier columns."""
         x_q, x_absmax, columns = int8_vectorwise_quant(rows, self.outlier_threshold)
-        if self.int8_gemm or rows.device.type != "cpu":
-            y = int8_matmul(x_q, self.weight.t()).float()
-            y.mul_((x_absmax / 127)[:, None]).mul_(self.weight_scale.view(1, -1))
-        else:  # no INT8 dot products: the same integer products summed by the float32 GEMM (int8_dynamic_linear)
-            y = int8_weight_linear(x_q.float(), self.weight, self.weight_scale).mul_((x_absmax / 127)[:, None])
+        y = dequantized_int8_product(x_q, (x_absmax / 127)[:, None], self.weight, self.weight_scale, self.int8_gemm)
         if columns.numel():
             w_outliers = self.weight[:, columns].float() * self.weight_scale.view(-1, 1)
             y.addmm_(rows[:, columns].float(), w_outliers.t())

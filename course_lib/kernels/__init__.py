@@ -138,10 +138,20 @@ def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, i
     at FP32's speed instead of a far slower INT8 GEMM."""
     if _fast(x) and (int8_gemm or x.shape[0] <= FEW_ROWS):  # many rows: quantize, INT8 GEMM, dequantize in one call
         return torch.ops.course_kernels.int8_dynamic_matmul(x, q, scale)
-    from ..quant import absmax_quantize_rows, int8_matmul
+    from ..quant import absmax_quantize_rows
 
-    x_q, x_scale = absmax_quantize_rows(x.float())
-    if int8_gemm or x.device.type != "cpu":
+    return dequantized_int8_product(*absmax_quantize_rows(x.float()), q, scale, int8_gemm)
+
+
+def dequantized_int8_product(x_q: torch.Tensor, x_scale: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                             int8_gemm: bool = True) -> torch.Tensor:
+    """(x_q · q_ᵀ) · (s_x ⊗ s_w) for INT8 rows x_q [M, K] with float32 scales x_scale [M, 1] and INT8
+    weights q [N, K] with scale [N, 1] or []: float32 [M, N]. The INT8 GEMM (int32 sums) or, with
+    `int8_gemm=False` on a CPU, the same integer products summed by the float32 GEMM (see
+    `int8_dynamic_linear`). W8A8 and LLM.int8()'s INT8 columns both end here."""
+    from ..quant import int8_matmul
+
+    if int8_gemm or x_q.device.type != "cpu":
         return int8_matmul(x_q, q.t()).float().mul_(x_scale).mul_(scale.view(1, -1))
     return int8_weight_linear(x_q.float(), q, scale).mul_(x_scale)
 

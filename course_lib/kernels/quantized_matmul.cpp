@@ -5,7 +5,8 @@
 // each byte once and converts it on the fly. These loops do that; the compiler turns each inner
 // loop into vector instructions for the machine it is built on (-march=native, `omp simd`), and the
 // hottest (W8A8 and 4-bit at decode, and W8A16's one-row loop with AVX2 alone) are written with x86
-// vector instructions where the CPU has them. Four output rows at a time: four independent sums keep the vector units busy.
+// vector instructions where the CPU has them. Four output rows at a time: four independent sums keep
+// the vector units busy.
 //
 //   int8_weight_matmul   y[m, n] = s[n] · Σ_k x[m, k] · q[n, k]          (float32 x, INT8 q; many rows
 //                        of x: blocks of q converted in cache, then torch's float32 GEMM)
